@@ -1,0 +1,53 @@
+# The two set-up commands: `make install && make demo`, `make install && make test`.
+PY     ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-fast lint demo train eval sweep bench table1 latents assets clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
+
+# ---- workflow targets (ARGS passes Hydra overrides, e.g. make train ARGS="objective=score") ----
+demo: install
+	$(PYTHON) train.py experiment=demo $(ARGS)
+
+train: install
+	$(PYTHON) train.py $(ARGS)
+
+sweep: install
+	$(PYTHON) train.py -m experiment=digits objective=diffusion,score,flow $(ARGS)
+
+eval: install
+	$(PYTHON) evaluate.py ckpt=$(CKPT) $(ARGS)
+
+latents: install
+	$(PYTHON) -m datamodules.latent_imagenet encode $(ARGS)
+
+assets: install
+	$(PYTHON) -m datamodules.assets $(ARGS)
+
+bench: install
+	$(PYTHON) benchmarks/run_all.py $(ARGS)
+
+table1: install
+	$(PYTHON) benchmarks/table1.py $(ARGS)
