@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from datamodules.latent_cache import CacheSpec, build_cache, check_compatible, is_complete, read_metadata
-from datamodules.vae import DEFAULT_VAE, SD_SCALE_FACTOR, VAE
+from datamodules.vae import DEFAULT_VAE, KNOWN_VAES, SD_SCALE_FACTOR, VAE
 
 
 class LatentDataset(Dataset):
@@ -123,7 +123,7 @@ class LatentImageNetDataModule(L.LightningDataModule):
         progress: bool = True,
     ):
         super().__init__()
-        if isinstance(vae, str) and image_size * 8 != resolution:
+        if vae in KNOWN_VAES and image_size * 8 != resolution:
             raise ValueError(f"data.image_size={image_size} must be data.resolution/8={resolution / 8} for the SD VAE")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
@@ -153,10 +153,10 @@ class LatentImageNetDataModule(L.LightningDataModule):
 
     def build_vae(self, device: str | torch.device | None = None) -> VAE:
         """The VAE wrapper (a passed-in one is reused; a hub id / local folder is loaded now)."""
-        if isinstance(self.vae, VAE):
-            return self.vae.to(device) if device is not None else self.vae
         if device is None or str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(self.vae, VAE):
+            return self.vae.to(device)
         return VAE(self.vae, local_path=self.vae_local_path, scale_factor=self.scale_factor, device=device,
                    dtype=self.vae_dtype, name=self.vae_name)
 

@@ -114,7 +114,9 @@ class VAE:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _resolve_dtype(dtype, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if next(model.parameters()).dtype != self.dtype:  # avoid a needless cast (diffusers warns about it)
+            model = model.to(dtype=self.dtype)
+        self.model = model.to(device=self.device).eval().requires_grad_(False)
         self.scale_factor = float(scale_factor)
         self.latent_channels = int(model.config.latent_channels)
         self.downsample = 2 ** (len(model.config.block_out_channels) - 1)
@@ -124,7 +126,8 @@ class VAE:
         self.device = torch.device(device)
         if self.device.type != "cuda" and self.dtype == torch.bfloat16:
             self.dtype = torch.float32
-        self.model.to(device=self.device, dtype=self.dtype)
+            self.model.to(dtype=self.dtype)
+        self.model.to(device=self.device)
         return self
 
     @torch.no_grad()
@@ -146,3 +149,17 @@ class VAE:
         """Scaled latents -> float32 images in [-1, 1] on the latents' device."""
         out = self.model.decode((latents / self.scale_factor).to(self.device, self.dtype)).sample
         return out.float().clamp_(-1.0, 1.0).to(latents.device)
+
+
+def build_tiny_autoencoder(levels: int = 2, seed: int = 0):
+    """A randomly initialised, very small AutoencoderKL (downsampling 2**(levels-1)) for tests and CPU benchmarks."""
+    from diffusers import AutoencoderKL
+
+    widths = tuple(8 * 2 ** min(i, 1) for i in range(levels))  # (8, 16, 16, ...)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+            block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels, sample_size=32,
+        )
