@@ -1,0 +1,266 @@
+"""GenerativeModule: the one LightningModule, composing a network, an objective and an EMA of the weights."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .ema import EMA
+
+OPTIM_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "warmup_steps": 0,
+                  "fused": None}
+EMA_DEFAULTS = {"decay": 0.9999, "start_step": 0, "warmup": False}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss is NaN/inf; the optimizer step is skipped so the weights stay finite."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Raised instead of writing a checkpoint whose weights or EMA contain NaN/inf."""
+
+
+def _merge(name: str, defaults: dict, given: dict | None) -> dict:
+    """defaults updated with `given`; unknown keys fail naming the valid ones."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in module.{name}; valid keys: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (seed, rank, step)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when every floating-point tensor is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class GenerativeModule(L.LightningModule):
+    """Trains `net` with `objective` (AdamW + EMA), logs loss per time bucket, samples with the EMA weights."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        objective: nn.Module,
+        *,
+        optim: dict | None = None,
+        ema: dict | None = None,
+        sample_shape: Sequence[int] | None = None,
+        seed: int = 0,
+        t_buckets: int = 10,
+        t_bucket_every_n_steps: int = 100,
+        compile: bool = False,
+        cfg: dict | None = None,
+    ):
+        super().__init__()
+        if t_buckets < 1 or t_bucket_every_n_steps < 1:
+            raise ValueError(f"module.t_buckets={t_buckets} and module.t_bucket_every_n_steps="
+                             f"{t_bucket_every_n_steps} must be >= 1")
+        self.optim = _merge("optim", OPTIM_DEFAULTS, optim)
+        ema_kw = _merge("ema", EMA_DEFAULTS, ema)
+        # Plain types only: the checkpoint stays loadable with torch.load(weights_only=True).
+        self.save_hyperparameters({"cfg": cfg, "optim": {**self.optim, "betas": list(self.optim["betas"])},
+                                   "ema": ema_kw, "sample_shape": list(sample_shape) if sample_shape else None,
+                                   "seed": seed, "t_buckets": t_buckets,
+                                   "t_bucket_every_n_steps": t_bucket_every_n_steps, "compile": compile})
+        self.net = net
+        self.objective = objective
+        self.ema = EMA(net, **ema_kw)  # deep copy before any compile; not a registered submodule
+        if compile:
+            self.net.compile()
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
+        self.seed = int(seed)
+        self.t_buckets = int(t_buckets)
+        self.t_bucket_every_n_steps = int(t_bucket_every_n_steps)
+        self.register_buffer("_bucket_sum", torch.zeros(t_buckets, dtype=torch.float64), persistent=False)
+        self.register_buffer("_bucket_count", torch.zeros(t_buckets, dtype=torch.float64), persistent=False)
+        self._generator: torch.Generator | None = None
+        self._last_loss: Tensor | None = None
+
+    # ---- construction from a checkpoint -------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: Any = "cpu") -> GenerativeModule:
+        """Rebuilds net + objective from the checkpoint's stored Hydra config and loads weights and EMA."""
+        from hydra.utils import instantiate
+
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        hp = ckpt["hyper_parameters"]
+        cfg = hp["cfg"]
+        if cfg is None:
+            raise ValueError(f"{path} carries no config (hyper_parameters['cfg'] is None)")
+        module = cls(instantiate(cfg["model"]), instantiate(cfg["objective"]), optim=hp["optim"], ema=hp["ema"],
+                     sample_shape=hp["sample_shape"], seed=hp["seed"], t_buckets=hp["t_buckets"],
+                     t_bucket_every_n_steps=hp["t_bucket_every_n_steps"], cfg=cfg)
+        module.load_state_dict(ckpt["state_dict"])
+        module.ema.load_state_dict(ckpt["ema"])
+        return module
+
+    # ---- training -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Gives every rank its own global RNG stream (label dropout, data order without DDP sampler)."""
+        if stage == "fit" and self.trainer.world_size > 1:
+            self._reseed_global(_mix_seed(self.seed, self.global_rank, 0))
+
+    def on_fit_start(self) -> None:
+        """Keeps the EMA on the training device; bucket logs must land on steps the logger writes."""
+        self.ema.to(self.device)
+        every = self.trainer.log_every_n_steps
+        if every and self.t_bucket_every_n_steps % every:
+            raise ValueError(f"module.t_bucket_every_n_steps={self.t_bucket_every_n_steps} must be a multiple of "
+                             f"trainer.log_every_n_steps={every}")
+
+    def _step_generator(self, device: torch.device) -> torch.Generator:
+        """The generator for t and noise, seeded from (seed, rank, step): exact across resumes, no state."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(_mix_seed(self.seed, self.global_rank, self.global_step))
+        return self._generator
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, y = batch
+        gen = self._step_generator(x0.device)
+        t = self.objective.sample_t(x0.shape[0], x0.device, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        per_sample = self.objective.loss(self.net, x0, y, t=t, noise=noise)
+        if per_sample.shape != (x0.shape[0],):
+            raise ValueError(f"objective.loss must return per-sample losses [B]={x0.shape[0]}, "
+                             f"got {tuple(per_sample.shape)}")
+        loss = per_sample.mean()
+        self._last_loss = loss.detach()
+        self._accumulate_buckets(t, per_sample.detach())
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        if (self.global_step + 1) % self.t_bucket_every_n_steps == 0:
+            self._log_buckets()
+        return loss
+
+    def _accumulate_buckets(self, t: Tensor, per_sample: Tensor) -> None:
+        """Adds losses into per-t-bucket sums on the device (no host sync)."""
+        u = self.objective.unit_time(t).to(torch.float64)
+        idx = (u * self.t_buckets).long().clamp_(0, self.t_buckets - 1)
+        self._bucket_sum.index_add_(0, idx, per_sample.to(torch.float64))
+        self._bucket_count.index_add_(0, idx, torch.ones_like(u))
+
+    def _log_buckets(self) -> None:
+        """Logs the mean loss per bucket since the last call (summed over ranks), then resets."""
+        sums = self.trainer.strategy.reduce(self._bucket_sum.clone(), reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self._bucket_count.clone(), reduce_op="sum")
+        means = (sums / counts).float()  # NaN for an empty bucket
+        k = self.t_buckets
+        for i in range(k):
+            self.log(f"loss_t/{i / k:.1f}-{(i + 1) / k:.1f}", means[i], on_step=True, on_epoch=False)
+        self._bucket_sum.zero_()
+        self._bucket_count.zero_()
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stops before a non-finite loss can reach the weights (one host sync per step, after backward)."""
+        if self._last_loss is not None and not bool(torch.isfinite(self._last_loss)):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({self._last_loss.item()}) at step {self.global_step} "
+                f"(epoch {self.current_epoch}); the optimizer step was skipped and no checkpoint is written, "
+                "so the last checkpoint on disk holds the last good weights")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (before any callback can checkpoint this step)."""
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.net, self.global_step)
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        fused = o["fused"]
+        if fused is None:
+            fused = bool(params) and all(p.is_cuda for p in params)
+        opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                                weight_decay=o["weight_decay"], fused=fused)
+        warmup = int(o["warmup_steps"])
+        if warmup <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- validation and sampling with the EMA weights -----------------------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, y = batch
+        gen = torch.Generator(device=x0.device)
+        gen.manual_seed(_mix_seed(self.seed, 1, self.global_rank, batch_idx))  # same t/noise every evaluation
+        t = self.objective.sample_t(x0.shape[0], x0.device, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        loss = self.objective.loss(self.ema_net(), x0, y, t=t, noise=noise).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+
+    def ema_net(self) -> nn.Module:
+        """The EMA network (eval mode, fp32) on this module's device."""
+        if self.ema.device != self.device:
+            self.ema.to(self.device)
+        return self.ema.net
+
+    @torch.no_grad()
+    def generate(self, noise_or_n: Tensor | int, y: Tensor, *, generator: torch.Generator | None = None,
+                 **sampler_kw: Any) -> Tensor:
+        """Samples x0 [B,C,H,W] in model space with the EMA weights; `sampler_kw` go to objective.sample."""
+        net = self.ema_net()
+        if isinstance(noise_or_n, int):
+            if self.sample_shape is None:
+                raise ValueError("generate(n, ...) needs sample_shape (C, H, W); pass a noise tensor instead")
+            noise = torch.randn((noise_or_n, *self.sample_shape), generator=generator,
+                                device=generator.device if generator is not None else self.device)
+        else:
+            noise = noise_or_n
+        noise = noise.to(self.device, torch.float32)
+        return self.objective.sample(net, noise, y.to(self.device), generator=generator, **sampler_kw)
+
+    # ---- checkpoint ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds the EMA weights and RNG states; refuses to write non-finite weights."""
+        ema_state = self.ema.state_dict()
+        if not _all_finite(list(checkpoint["state_dict"].values()) + list(ema_state.values())):
+            raise NonFiniteWeightsError(f"weights or EMA are non-finite at step {self.global_step}; "
+                                        "not writing a checkpoint (the previous one stays intact)")
+        checkpoint["ema"] = ema_state
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the EMA and, when training on one process, the global RNG states."""
+        if "ema" not in checkpoint:
+            raise KeyError("checkpoint has no 'ema' entry: it was not written by GenerativeModule")
+        self.ema.load_state_dict(checkpoint["ema"])
+        if self._trainer is None or "rng" not in checkpoint:
+            return
+        if self.trainer.world_size > 1:  # one saved state cannot serve all ranks: fresh per-rank streams
+            self._reseed_global(_mix_seed(self.seed, self.global_rank, int(checkpoint.get("global_step", 0))))
+            return
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+        random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))
+
+    @staticmethod
+    def _reseed_global(seed: int) -> None:
+        """Seeds torch (all devices), numpy and random from one integer."""
+        torch.manual_seed(seed)
+        np.random.seed(seed % (1 << 32))
+        random.seed(seed)
