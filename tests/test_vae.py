@@ -82,3 +82,15 @@ def test_rejects_other_objects_and_bad_dtypes():
         VAE(object())
     with pytest.raises(ValueError, match="vae dtype"):
         VAE(build_tiny_autoencoder(), device="cpu", dtype="int8")
+
+
+def test_make_assets_offline_fails_fast_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from datamodules import assets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert assets.main(["--out", str(tmp_path / "assets")]) == 1
+    assert time.perf_counter() - start < 10.0 and not (tmp_path / "assets").exists()
+    err = capsys.readouterr().err
+    assert "make assets" in err and "data.vae_local_path" in err and "callbacks.fid.extractor.weights_path" in err
+    assert assets.inception_url().startswith("https://") and assets.inception_url().endswith(".pth")
