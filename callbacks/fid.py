@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from tqdm import tqdm
@@ -155,13 +154,19 @@ def get_reference(path: str | None, extractor: torch.nn.Module, datamodule, devi
     return ref
 
 
-def module_generate_fn(pl_module, sampler: str | None, num_steps: int | None, cfg_scale: float,
-                       use_ema: bool = True) -> GenerateFn:
-    """Sampling through the module's `generate` (EMA weights) with the configured sampler settings."""
+def module_generate_fn(module, sampler: str | None, num_steps: int | None, cfg_scale: float) -> GenerateFn:
+    """Sampling through GenerativeModule.generate (always the EMA weights) with fixed sampler settings."""
     def generate(noise: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return pl_module.generate(noise, labels, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
-                                  generator=generator, use_ema=use_ema)
+        return module.generate(noise, labels, generator=generator, sampler=sampler, num_steps=num_steps,
+                               cfg_scale=cfg_scale)
     return generate
+
+
+def sampler_settings(objective, sampler: str | None, num_steps: int | None, cfg_scale: float) -> dict:
+    """The sampler, steps and cfg scale actually used (None means the objective's defaults)."""
+    return {"sampler": sampler or objective.default_sampler,
+            "num_steps": int(num_steps if num_steps is not None else objective.default_num_steps),
+            "cfg_scale": float(cfg_scale)}
 
 
 def build_extractor(extractor, device: torch.device) -> torch.nn.Module:
@@ -173,20 +178,23 @@ def build_extractor(extractor, device: torch.device) -> torch.nn.Module:
 
 
 class FIDCallback(Callback):
-    """Every `every_n_steps` and/or at the end of training: sample with EMA weights, measure FID, log it."""
+    """Every `every_n_steps` and/or at the end of training: sample with EMA weights, measure FID, log it.
+
+    Logged as fid/<name> (fid/fid_10k, fid/inception_score; digits: fid/digits_fid_2k, fid/digits_class_accuracy)
+    plus fid/num_steps and fid/cfg_scale; the sampler name is printed with the result.
+    """
 
     def __init__(self, num_samples: int = 10000, batch_size: int = 250, every_n_steps: int = 0,
                  at_train_end: bool = True, sampler: str | None = None, num_steps: int | None = None,
                  cfg_scale: float = 1.0, seed: int = 0, extractor=None, ref_stats: str | None = None,
-                 compute_ref_if_missing: bool = True, ref_max_images: int | None = None, use_ema: bool = True,
-                 progress: bool = True):
+                 compute_ref_if_missing: bool = True, ref_max_images: int | None = None, progress: bool = True):
         super().__init__()
         if extractor is None:
             raise ValueError("callbacks.fid.extractor must be set (an Inception or digits extractor config)")
         self.num_samples, self.batch_size = num_samples, batch_size
         self.every_n_steps, self.at_train_end = every_n_steps, at_train_end
         self.sampler, self.num_steps, self.cfg_scale = sampler, num_steps, cfg_scale
-        self.seed, self.use_ema, self.progress = seed, use_ema, progress
+        self.seed, self.progress = seed, progress
         self.extractor_cfg = extractor
         self.ref_stats, self.compute_ref_if_missing, self.ref_max_images = ref_stats, compute_ref_if_missing, ref_max_images
         self.extractor: torch.nn.Module | None = None
@@ -215,7 +223,7 @@ class FIDCallback(Callback):
                                      self.ref_max_images, self.batch_size)
         rank, world = _dist_world()
         shape = (dm.channels, dm.image_size, dm.image_size)
-        generate = module_generate_fn(pl_module, self.sampler, self.num_steps, self.cfg_scale, self.use_ema)
+        generate = module_generate_fn(pl_module, self.sampler, self.num_steps, self.cfg_scale)
         acc = MetricAccumulator(self.extractor, self.num_samples, device)
         chunks = chunks_for_rank(self.num_samples, self.batch_size, rank, world)
         was_training = pl_module.training
@@ -231,8 +239,8 @@ class FIDCallback(Callback):
         pl_module.train(was_training)
         metrics = acc.finalize(self.ref)
         metrics.pop("_mu"), metrics.pop("_sigma")
-        metrics.update(sampler=self.sampler or "default", num_steps=self.num_steps or 0, cfg_scale=self.cfg_scale,
-                       fid_seconds=time.time() - t0)
+        metrics.update(sampler_settings(pl_module.objective, self.sampler, self.num_steps, self.cfg_scale))
+        metrics["fid_seconds"] = time.time() - t0
         self.last_metrics = metrics
         numeric = {f"fid/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         if trainer.logger is not None and rank == 0:
