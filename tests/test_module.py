@@ -1,0 +1,116 @@
+"""GenerativeModule with the real DiT, objectives and digits: a training step per objective, EMA sampling,
+the non-finite-loss stop, and checkpoints that never hold NaN weights."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.digits import load_digits_tensors
+from gen_objectives.module import GenerativeModule, NonFiniteLossError, NonFiniteWeightsError
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+OBJECTIVES = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "objective")) if f.endswith(".yaml"))
+
+
+def build(objective: str = "flow", **module_kw) -> GenerativeModule:
+    """A 1-block DiT + the configured objective, composed from conf/ like train.py does."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"objective={objective}", "experiment=digits", "model.hidden_size=32",
+                                          "model.depth=1", "model.num_heads=2"])
+    torch.manual_seed(0)
+    kw = {"t_bucket_every_n_steps": 1, "sample_shape": (1, 8, 8), **module_kw}
+    return GenerativeModule(instantiate(cfg.model), instantiate(cfg.objective), **kw)
+
+
+def loader(n: int = 64, batch_size: int = 16, nan_batch: int | None = None) -> DataLoader:
+    x, y = load_digits_tensors(8)
+    x, y = x[:n].clone(), y[:n]
+    if nan_batch is not None:
+        x[nan_batch * batch_size] = float("nan")
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=0, log_every_n_steps=1,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_one_training_step(objective, tmp_path):
+    module = build(objective)
+    before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in module.ema.state_dict().items()}
+    tr = trainer(tmp_path, max_steps=1)
+    tr.fit(module, train_dataloaders=loader())
+    assert tr.global_step == 1
+    loss = tr.callback_metrics["train/loss"]
+    assert math.isfinite(float(loss)) and float(loss) > 0
+    buckets = [k for k in tr.callback_metrics if k.startswith("loss_t/")]
+    assert len(buckets) == 10 and "loss_t/0.0-0.1" in buckets
+    changed = [k for k, v in module.net.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the optimizer step changed no weight"
+    ema_changed = [k for k, v in module.ema.state_dict().items() if not torch.equal(v, ema_before[k])]
+    assert ema_changed, "the EMA was not updated"
+
+
+def test_bucket_losses_are_means_of_the_per_sample_losses():
+    module = build("flow")
+    t = torch.tensor([0.05, 0.07, 0.55, 0.99])
+    losses = torch.tensor([1.0, 3.0, 10.0, 7.0])
+    module._accumulate_buckets(t, losses)
+    means = module._bucket_sum / module._bucket_count
+    assert means[0] == 2.0 and means[5] == 10.0 and means[9] == 7.0
+    assert torch.isnan(means[1])  # empty bucket
+
+
+def test_generate_uses_the_ema_weights(tmp_path):
+    module = build("flow", ema={"decay": 0.9999})
+    trainer(tmp_path, max_steps=3).fit(module, train_dataloaders=loader())
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(4)
+    out = module.generate(noise, y, num_steps=2)
+    with torch.no_grad():
+        ema_out = module.objective.sample(module.ema.net, noise, y, num_steps=2)
+        raw_out = module.objective.sample(module.net.eval(), noise, y, num_steps=2)
+    torch.testing.assert_close(out, ema_out)
+    assert not torch.allclose(out, raw_out, atol=1e-4)
+    assert module.generate(5, torch.zeros(5, dtype=torch.long), num_steps=1).shape == (5, 1, 8, 8)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    module = build("flow")
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    tr = trainer(tmp_path, max_steps=10, callbacks=[ckpt], enable_checkpointing=True)
+    with pytest.raises(NonFiniteLossError, match="at step 2 "):
+        tr.fit(module, train_dataloaders=loader(nan_batch=2))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    for name, tensors in (("weights", saved["state_dict"]), ("ema", saved["ema"])):
+        assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()), name
+    assert all(torch.isfinite(p).all() for p in module.net.parameters()), "NaN reached the live weights"
+
+
+def test_refuses_to_write_a_checkpoint_with_nan_weights(tmp_path):
+    module = build("flow")
+    tr = trainer(tmp_path, max_steps=1)
+    tr.fit(module, train_dataloaders=loader())
+    with torch.no_grad():
+        next(module.net.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteWeightsError, match="non-finite"):
+        tr.save_checkpoint(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
+
+
+def test_unknown_optim_key_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"module.optim.*valid keys.*'lr'"):
+        build("flow", optim={"learning_rate": 1e-3})
