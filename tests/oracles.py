@@ -90,7 +90,9 @@ class DiffusionOracle:
                  perturb_v: float = 0.0):
         self.data, self.schedule, self.learn_sigma = data, schedule, learn_sigma
         self.var_schedule = schedule if variance_schedule is None else variance_schedule
-        self.position = {orig: k for k, orig in enumerate(self.var_schedule.timestep_map)}
+        # position[i] = index k of original step i in the variance chain (-1 where i is not kept)
+        self.position = torch.full((schedule.num_timesteps,), -1, dtype=torch.long)
+        self.position[torch.tensor(self.var_schedule.timestep_map)] = torch.arange(self.var_schedule.num_timesteps)
         self.perturb_eps, self.perturb_v = perturb_eps, perturb_v
 
     def __call__(self, x_t: Tensor, t_net: Tensor, y: Tensor) -> Tensor:
@@ -102,7 +104,8 @@ class DiffusionOracle:
         eps_hat = eps_hat + self.perturb_eps
         if not self.learn_sigma:
             return eps_hat
-        k = torch.tensor([self.position[int(j)] for j in i])
+        k = self.position[i]
+        assert (k >= 0).all(), "the sampler queried a step outside the oracle's variance chain"
         vs = self.var_schedule
         post_var = append_dims(vs.posterior_variance[k].to(x_t), x_t.ndim)
         coef1 = append_dims(vs.posterior_mean_coef1[k].to(x_t), x_t.ndim)
@@ -152,11 +155,14 @@ NUM_CLASSES = 2
 
 
 def gaussian_problem(n: int, seed: int = 0):
-    """(data, y [n], noise [n,2,1,1] float64) with a fixed seed."""
+    """(data, y [n], noise [n,2,1,1] float64 standardised per class) with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
     data = GaussianData(MEANS, S)
     y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
     noise = torch.randn(n, 2, 1, 1, dtype=torch.float64, generator=g)
+    for k in range(NUM_CLASSES):  # exact first two moments per class: deterministic samplers show only their bias
+        nk = noise[y == k]
+        noise[y == k] = (nk - nk.mean(0)) / nk.std(0)
     return data, y, noise
 
 

@@ -2,10 +2,12 @@
 
 from ..paths import check_choice
 from .base import Objective
+from .diffusion import DiffusionObjective
 from .flow import FlowObjective
 from .score import ScoreObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
+    "diffusion": DiffusionObjective,
     "score": ScoreObjective,
     "flow": FlowObjective,
 }
@@ -17,4 +19,4 @@ def build_objective(name: str, **kwargs) -> Objective:
     return OBJECTIVES[name](**kwargs)
 
 
-__all__ = ["OBJECTIVES", "FlowObjective", "Objective", "ScoreObjective", "build_objective"]
+__all__ = ["OBJECTIVES", "DiffusionObjective", "FlowObjective", "Objective", "ScoreObjective", "build_objective"]
