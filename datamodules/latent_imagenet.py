@@ -35,11 +35,13 @@ class LatentDataset(Dataset):
         self.random_flip = random_flip
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self._arrays = None
+        self._scratch: dict[str, np.ndarray] = {}
 
     def __getstate__(self):
         """Memory maps are reopened in each worker; pickling them would copy the whole cache."""
         state = dict(self.__dict__)
         state["_arrays"] = None
+        state["_scratch"] = {}
         return state
 
     def _open(self):
@@ -58,21 +60,32 @@ class LatentDataset(Dataset):
         """A whole batch with one vectorised gather (the DataLoader fast path): (x [B,C,H,W], y [B])."""
         mean, std, labels = self._open()
         rows = np.asarray(items, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"latent index out of range 0..{len(self) - 1}: {rows.min()}..{rows.max()}")
         if self.indices is not None:
             rows = self.indices[rows]
         if self.random_flip:
             flips = torch.randint(0, 2, (len(rows),)).numpy()
         else:
             flips = np.zeros(len(rows), dtype=np.int64)
-        mu = torch.from_numpy(mean[rows, flips])
+        flat_rows = rows * 2 + flips  # row of (item, flip) in the [N*2, C*H*W] view
+        mu = torch.from_numpy(self._gather(mean, flat_rows, "mean"))
         if self.sample_posterior:
             # fp32 noise times the fp16 std, plus the fp16 mean, in place: the cheapest exact form on CPU.
             x = torch.empty(mu.shape, dtype=torch.float32).normal_()
-            x.mul_(torch.from_numpy(std[rows, flips])).add_(mu)
+            x.mul_(torch.from_numpy(self._gather(std, flat_rows, "std"))).add_(mu)
         else:
             x = mu.float()
         x.mul_(self.scale_factor)
-        return x, torch.from_numpy(labels[rows])
+        return x.view(len(rows), *mean.shape[2:]), torch.from_numpy(labels[rows])
+
+    def _gather(self, array: np.ndarray, flat_rows: np.ndarray, name: str) -> np.ndarray:
+        """Rows of the [N*2, C*H*W] view into a reused scratch buffer (fresh buffers cost page faults)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape[0] != len(flat_rows):
+            buf = self._scratch[name] = np.empty((len(flat_rows), int(np.prod(array.shape[2:]))), array.dtype)
+        np.take(array.reshape(-1, buf.shape[1]), flat_rows, axis=0, out=buf, mode="clip")
+        return buf
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.__getitems__([index])
