@@ -22,6 +22,7 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +51,7 @@ class Settings:
     train_overrides: tuple = ()      # extra Hydra overrides for train.py (same for every objective)
     num_samples: int = 500           # samples per FID
     batch_size: int = 500
-    default_steps: int | None = 100  # steps for each default sampler (None: the objective's own default)
+    default_nfe: int | None = 100    # budget of each default sampler (Heun: half as many steps); None: its own
     ode_nfe: int = 20                # the shared NFE of the ODE comparison (Heun: ode_nfe / 2 steps)
     nll_images: int = 180            # held-out images for the NLL (the whole val split by default)
     nll_solver: str = "heun"
@@ -59,27 +60,29 @@ class Settings:
     nll_exact: bool = False          # exact divergence (D backward passes) or Hutchinson (one)
     loss_t_points: int = 20          # unit-time grid of the loss-vs-t curve
     loss_images: int = 180
-    jobs: int = 2                    # (objective, seed) pipelines run in parallel
+    jobs: int = 2                    # parallel lanes (seeds split between them), each: train, then evaluate
+    inline_eval: bool = False        # evaluate in this process (quick runs) instead of a fresh one per lane
     threads: int = 1                 # torch threads per pipeline
     sample_seed: int = 0
     quick: bool = False
     extra: dict = field(default_factory=dict)
 
 
-QUICK = dict(max_steps=3, num_samples=40, batch_size=40, default_steps=3, ode_nfe=4, nll_images=8, nll_steps=2,
+QUICK = dict(max_steps=3, num_samples=40, batch_size=40, default_nfe=4, ode_nfe=4, nll_images=8, nll_steps=2,
              loss_t_points=4, loss_images=16,
              train_overrides=("model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.batch_size=16",
                               "trainer.log_every_n_steps=1", "module.t_bucket_every_n_steps=1"),
-             quick=True)
+             jobs=1, threads=2, inline_eval=True, quick=True)
 
 
-# ---- training ---------------------------------------------------------------------------------------------
-def train_command(objective: str, seed: int, s: Settings, run_dir: Path) -> list[str]:
-    """The train.py command line of one run (the honest path: exactly what a user would type)."""
-    return [sys.executable, str(REPO_ROOT / "train.py"), "experiment=digits", f"objective={objective}",
-            f"seed={seed}", f"trainer.max_steps={s.max_steps}", f"hydra.run.dir={run_dir}", "name=table1",
-            "callbacks.sample_grid=null", "callbacks.rich_progress_bar=null",
-            *s.train_overrides]
+# ---- training ----------------------------------------------------------------------------------------------
+def train_command(seeds: tuple, s: Settings, lane_dir: Path) -> list[str]:
+    """One train.py multirun over objectives x seeds: exactly what a user would type, in one process."""
+    return [sys.executable, str(REPO_ROOT / "train.py"), "-m", "experiment=digits",
+            f"objective={','.join(s.objectives)}", f"seed={','.join(map(str, seeds))}",
+            f"trainer.max_steps={s.max_steps}",
+            f"hydra.sweep.dir={lane_dir}", "hydra.sweep.subdir=${hydra:runtime.choices.objective}_seed${seed}",
+            "name=table1", "callbacks.sample_grid=null", "callbacks.rich_progress_bar=null", *s.train_overrides]
 
 
 def find_checkpoint(run_dir: Path) -> Path:
@@ -89,8 +92,13 @@ def find_checkpoint(run_dir: Path) -> Path:
         return last
     found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}; see {run_dir / 'train.log'}")
+        raise FileNotFoundError(f"no checkpoint under {run_dir}; see the lane's stdout.log")
     return found[-1]
+
+
+def train_seconds(run_dir: Path, ckpt: Path) -> float:
+    """Wall time of one job of a multirun: from its config dump (job start) to its last checkpoint."""
+    return ckpt.stat().st_mtime - (run_dir / ".hydra" / "config.yaml").stat().st_mtime
 
 
 def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
@@ -225,6 +233,16 @@ def loss_vs_t(objective, net, x0: torch.Tensor, y: torch.Tensor, points: int, se
 
 
 # ---- one run's evaluation ------------------------------------------------------------------------------
+NFE_PER_STEP = {"heun": 2}  # every other fixed-step sampler calls the network once per step
+
+
+def steps_for_nfe(sampler: str, nfe: int | None) -> int | None:
+    """num_steps that spend `nfe` network calls with this sampler (None keeps the objective's default)."""
+    if nfe is None:
+        return None
+    return max(1, nfe // NFE_PER_STEP.get(sampler, 1))
+
+
 def heldout(datamodule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n images of the validation split (the same for every run)."""
     datamodule.setup("fit")
@@ -244,7 +262,8 @@ def evaluate_run(ckpt: str | Path, s: Settings, ref_stats: str | None) -> dict:
            "params": sum(p.numel() for p in net.parameters())}
 
     default = generate_and_measure(module, dm, extractor, ref, sampler=obj.default_sampler,
-                                   num_steps=s.default_steps, keep_images=True, **common)
+                                   num_steps=steps_for_nfe(obj.default_sampler, s.default_nfe), keep_images=True,
+                                   **common)
     out["default"] = {k: v for k, v in default.items() if not k.startswith("_")}
     out["_grid"] = (default["_images"], default["_labels"])
 
@@ -357,8 +376,9 @@ def write_markdown(path: Path, results: dict) -> Path:
         lines.append("")
     lines += [
         "How each column is measured:",
-        f"- default sampler: each objective's configured default sampler with {s['default_steps'] or 'its default'} "
-        "steps (NFE counted by wrapping the network with a call counter).",
+        f"- default sampler: each objective's configured default sampler at a budget of "
+        f"{s['default_nfe'] or 'its default'} NFE (DDPM ancestral and Euler-Maruyama: 1 NFE per step, Heun 2; "
+        "NFE counted by wrapping the network with a call counter).",
         f"- PF-ODE Heun: the same Heun solver (gen_objectives.solvers) on each objective's probability-flow ODE, "
         f"{max(1, nfe // 2)} steps = {nfe} NFE; for diffusion the PF-ODE of its eps-net on the VP path of its "
         "discrete schedule (log ᾱ interpolated linearly in t, t_net = T·t − 1).",
@@ -462,27 +482,51 @@ def compose_train_config(s: Settings):
 
 
 # ---- main -----------------------------------------------------------------------------------------------
-def pipeline(objective: str, seed: int, s: Settings, workdir: Path, settings_file: Path, ref_stats: Path) -> dict:
-    """Train one (objective, seed) through train.py, then evaluate it in a fresh process; its result dict."""
-    run_dir = workdir / f"{objective}_seed{seed}"
-    train_s = run_logged(train_command(objective, seed, s, run_dir), run_dir / "train.log", s.threads)
-    ckpt = find_checkpoint(run_dir)
-    out_json = run_dir / "eval.json"
-    eval_cmd = [sys.executable, str(Path(__file__).resolve()), "--eval-one", str(ckpt), "--settings-json",
-                str(settings_file), "--ref-stats", str(ref_stats), "--eval-out", str(out_json)]
-    eval_s = run_logged(eval_cmd, run_dir / "eval.log", s.threads)
-    result = json.loads(out_json.read_text())
-    result.update(train_seconds=train_s, eval_seconds=eval_s, run_dir=str(run_dir))
-    return result
+def lane(seeds: tuple, s: Settings, workdir: Path, settings_file: Path, ref_stats: Path) -> list[dict]:
+    """Train every objective for these seeds (one train.py multirun), then evaluate them (one fresh process,
+    or this one with s.inline_eval, which saves a process start-up in quick runs)."""
+    name = "seed" + "_".join(map(str, seeds))
+    lane_dir = workdir / name
+    if lane_dir.exists():
+        shutil.rmtree(lane_dir)  # never evaluate a stale checkpoint of an earlier run
+    train_total = run_logged(train_command(seeds, s, lane_dir), workdir / f"{name}_train.log", s.threads)
+    ckpts = [find_checkpoint(lane_dir / f"{o}_seed{seed}") for seed in seeds for o in s.objectives]
+    t0 = time.time()
+    if s.inline_eval:
+        evaluate_checkpoints(ckpts, s, str(ref_stats))
+    else:
+        eval_cmd = [sys.executable, str(Path(__file__).resolve()), "--eval-ckpts", *map(str, ckpts),
+                    "--settings-json", str(settings_file), "--ref-stats", str(ref_stats)]
+        run_logged(eval_cmd, workdir / f"{name}_eval.log", s.threads)
+    eval_total = time.time() - t0
+    results = []
+    for ckpt in ckpts:
+        run_dir = ckpt.parent.parent
+        r = json.loads((run_dir / "eval.json").read_text())
+        r.update(train_seconds=train_seconds(run_dir, ckpt), run_dir=str(run_dir),
+                 lane_train_seconds=train_total, lane_eval_seconds=eval_total)
+        results.append(r)
+    return results
 
 
-def main_eval_one(args) -> None:
-    """Child process: evaluate one checkpoint, write its JSON (+ the raw grid images as .pt)."""
-    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(Path(args.settings_json).read_text()).items()})
-    result = evaluate_run(args.eval_one, s, args.ref_stats)
-    images, labels = result.pop("_grid")
-    torch.save({"images": images, "labels": labels}, Path(args.eval_out).with_suffix(".grid.pt"))
-    write_json(args.eval_out, result)
+def evaluate_checkpoints(ckpts, s: Settings, ref_stats: str) -> None:
+    """Evaluate checkpoints one after another; eval.json (+ the grid images) beside each run."""
+    for ckpt in ckpts:
+        run_dir = Path(ckpt).parent.parent
+        t0 = time.time()
+        result = evaluate_run(ckpt, s, ref_stats)
+        result["eval_seconds"] = time.time() - t0
+        images, labels = result.pop("_grid")
+        torch.save({"images": images, "labels": labels}, run_dir / "eval_grid.pt")
+        write_json(run_dir / "eval.json", result)
+        print(f"[table1] evaluated {ckpt} in {result['eval_seconds']:.0f}s", flush=True)
+
+
+def main_eval(args) -> None:
+    """Child process: evaluate the given checkpoints with the run's settings."""
+    raw = json.loads(Path(args.settings_json).read_text())
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    evaluate_checkpoints(args.eval_ckpts, s, args.ref_stats)
 
 
 def run_table1(s: Settings, workdir: Path, out_dir: Path, command: str, log=print) -> dict:
@@ -504,22 +548,23 @@ def run_table1(s: Settings, workdir: Path, out_dir: Path, command: str, log=prin
     build_metric("digits", dm, torch.device("cpu"), str(ref_path))
     floor = data_floor(dm, str(ref_path), s.nll_images)
 
-    jobs = [(o, seed) for seed in s.seeds for o in s.objectives]
     runs = []
-    with cf.ThreadPoolExecutor(max_workers=max(1, s.jobs)) as pool:
-        futures = {pool.submit(pipeline, o, seed, s, workdir, settings_file, ref_path): (o, seed) for o, seed in jobs}
+    n_lanes = max(1, min(s.jobs, len(s.seeds)))
+    lanes = [tuple(s.seeds[i::n_lanes]) for i in range(n_lanes)]
+    with cf.ThreadPoolExecutor(max_workers=n_lanes) as pool:
+        futures = {pool.submit(lane, seeds, s, workdir, settings_file, ref_path): seeds for seeds in lanes}
         for fut in cf.as_completed(futures):
-            o, seed = futures[fut]
-            r = fut.result()
-            log(f"[table1] {o} seed {seed}: default FID {r['default']['fid']:.2f}, Heun FID {r['ode_heun']['fid']:.2f}, "
-                f"NLL {r['nll_bpd']:.3f} bpd (train {r['train_seconds']:.0f}s, eval {r['eval_seconds']:.0f}s)")
-            runs.append(r)
+            for r in fut.result():
+                log(f"[table1] {r['objective']} seed {r['seed']}: default digits-FID {r['default']['fid']:.2f}, "
+                    f"Heun {r['ode_heun']['fid']:.2f}, NLL {r['nll_bpd']:.3f} bpd "
+                    f"(train {r['train_seconds']:.0f}s, eval {r['eval_seconds']:.0f}s)")
+                runs.append(r)
 
     agg = aggregate(runs)
     figures = []
     for name, entry in agg.items():
         first = min(entry["runs"], key=lambda r: r["seed"])
-        grid = torch.load(Path(first["run_dir"]) / "eval.grid.pt", weights_only=True)
+        grid = torch.load(Path(first["run_dir"]) / "eval_grid.pt", weights_only=True)
         figures.append(save_grid(grid["images"], grid["labels"], out_dir / f"table1_samples_{name}.png"))
         figures.append(plot_loss_vs_t(name, entry["runs"], out_dir / f"table1_loss_vs_t_{name}.png"))
     model = cfg.model
@@ -556,13 +601,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--train-override", action="append", default=[], help="extra train.py override (repeatable)")
     p.add_argument("--set", action="append", default=[], help="any Settings field, e.g. --set ode_nfe=10")
     # child-process mode
-    p.add_argument("--eval-one", help=argparse.SUPPRESS)
+    p.add_argument("--eval-ckpts", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--settings-json", help=argparse.SUPPRESS)
     p.add_argument("--ref-stats", help=argparse.SUPPRESS)
-    p.add_argument("--eval-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.eval_one:
-        main_eval_one(a)
+    if a.eval_ckpts:
+        main_eval(a)
         return None
 
     s = Settings()
