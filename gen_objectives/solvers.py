@@ -77,8 +77,11 @@ class Dopri5Solver:
             return f(t, x)
 
         ts = torch.tensor([t_start, t_end], dtype=x.dtype, device=x.device)
+        # step_t makes the solver land exactly on t_end instead of stepping past it and interpolating back,
+        # so f is never evaluated outside [t_end, t_start] (vp is undefined below t = 0).
+        options = {"step_t": ts[1:]}
         try:
-            return odeint(counted, x, ts, method="dopri5", atol=self.atol, rtol=self.rtol)[-1]
+            return odeint(counted, x, ts, method="dopri5", atol=self.atol, rtol=self.rtol, options=options)[-1]
         finally:
             bar.close()
 

@@ -160,7 +160,10 @@ class ContinuousObjective(Objective):
 
 
 class LangevinCorrector:
-    """Song et al.'s Langevin corrector: x += step * score + sqrt(2 step) z, step = 2 (snr |z| / |score|)^2."""
+    """Song et al.'s Langevin corrector: x += step * score + sqrt(2 step) z, step = 2 (snr |z| / |score|)^2.
+
+    Song et al. also scale the step by the discrete alpha_i = 1 - beta_i; that factor (~1 - beta(t) / N) is omitted.
+    """
 
     def __init__(self, score_fn, steps: int, snr: float, generator):
         self.score_fn, self.steps, self.snr, self.generator = score_fn, steps, snr, generator
@@ -169,8 +172,8 @@ class LangevinCorrector:
         for _ in range(self.steps):
             score = self.score_fn(t, x)
             z = randn_like(x, self.generator)
-            ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)
-            step = 2.0 * (self.snr * ratio) ** 2  # [B]
-            step = step.reshape(-1, *([1] * (x.ndim - 1)))
+            # Batch-averaged norms (as Song et al.): per-sample ratios explode where |score| ~ 0 in low dims.
+            ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
+            step = 2.0 * (self.snr * ratio) ** 2
             x = x + step * score + (2.0 * step).sqrt() * z
         return x
