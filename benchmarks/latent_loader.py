@@ -26,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from benchmarks.common import machine_info, write_json  # noqa: E402
+from datamodules.adm_crop import preprocess  # noqa: E402
 from datamodules.latent_cache import CacheSpec, encode_shards, finalize_cache  # noqa: E402
 from datamodules.latent_imagenet import LatentImageNetDataModule  # noqa: E402
 from datamodules.vae import VAE, build_tiny_autoencoder  # noqa: E402
@@ -48,7 +49,7 @@ def write_images(folder: Path, count: int, size: tuple[int, int], classes: int =
         Image.fromarray(arr).save(wnid / f"img_{i:06d}.JPEG", quality=90)
 
 
-def bench_encode(work: Path, args) -> tuple[dict, Path]:
+def bench_encode(work: Path, args) -> tuple[dict, Path, VAE]:
     """Encode a synthetic ImageFolder into a cache; images/s over the sharded encode."""
     image_dir = work / "train"
     write_images(image_dir, args.encode_images, (500, 375))
@@ -71,14 +72,20 @@ def bench_encode(work: Path, args) -> tuple[dict, Path]:
     start = time.perf_counter()
     finalize_cache(cache)
     finalize_s = time.perf_counter() - start
+    files = sorted(image_dir.rglob("*.JPEG"))
+    cpu = time.process_time()
+    for path in files:  # the CPU side of encoding (JPEG decode + ADM crop), what DataLoader workers do
+        preprocess(path, args.resolution)
+    preprocess_rate = len(files) / (time.process_time() - cpu)
     result = {
         "vae": label, "vae_is_sd_vae": bool(args.vae), "device": device, "dtype": str(vae.dtype),
         "resolution": args.resolution, "source_image_size": [500, 375], "images": args.encode_images,
         "batch_size": args.encode_batch_size, "num_workers": args.encode_workers, "shard_size": args.shard_size,
         "encode_seconds": encode_s, "finalize_seconds": finalize_s,
         "images_per_s": args.encode_images / encode_s, "latents_per_s": 2 * args.encode_images / encode_s,
+        "preprocess_images_per_cpu_s": preprocess_rate, "load_average_1min": os.getloadavg()[0],
     }
-    return result, cache
+    return result, cache, vae
 
 
 def tile_cache(src: Path, dst: Path, count: int) -> None:
@@ -97,11 +104,11 @@ def tile_cache(src: Path, dst: Path, count: int) -> None:
     (dst / "metadata.json").write_text(json.dumps({**meta, "count": count}))
 
 
-def bench_read(cache: Path, args, num_workers: int, sample_posterior: bool) -> dict:
+def bench_read(cache: Path, vae: VAE, args, num_workers: int, sample_posterior: bool) -> dict:
     """Drain the datamodule's train loader for a while; latents/s (each latent [4, H, W], random flip)."""
     meta = json.loads((cache / "metadata.json").read_text())
     dm = LatentImageNetDataModule(
-        cache_dir=str(cache), vae=meta["vae"], resolution=meta["resolution"], image_size=meta["latent_shape"][-1],
+        cache_dir=str(cache), vae=vae, resolution=meta["resolution"], image_size=meta["latent_shape"][-1],
         scale_factor=meta["scale_factor"], batch_size=args.batch_size, num_workers=num_workers, pin_memory=False,
         sample_posterior=sample_posterior, random_flip=True, progress=False)
     dm.setup("fit")
@@ -146,13 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         work = Path(tmp)
-        encode, cache = bench_encode(work, args)
+        encode, cache, vae = bench_encode(work, args)
         read_cache = work / "read_cache"
         tile_cache(cache, read_cache, args.read_count)
         for name in ("mean", "std", "labels"):  # warm: every page read once
             np.load(read_cache / f"{name}.npy", mmap_mode="r").sum(dtype=np.float64)
         torch.set_num_threads(args.threads)
-        runs = [bench_read(read_cache, args, w, sp) for w in args.read_workers for sp in (True, False)]
+        runs = [bench_read(read_cache, vae, args, w, sp) for w in args.read_workers for sp in (True, False)]
         latent_shape = list(np.load(read_cache / "mean.npy", mmap_mode="r").shape[2:])
     main_run = next(r for r in runs if r["num_workers"] == runs[0]["num_workers"] and r["sample_posterior"])
     per_process = main_run["latents_per_s"]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from datamodules.latent_cache import CacheSpec, build_cache, check_compatible, is_complete, read_metadata
-from datamodules.vae import DEFAULT_VAE, KNOWN_VAES, SD_SCALE_FACTOR, VAE
+from datamodules.vae import DEFAULT_VAE, KNOWN_VAES, SD_SCALE_FACTOR, VAE, check_vae_available
 
 
 class LatentDataset(Dataset):
@@ -197,7 +197,7 @@ class LatentImageNetDataModule(L.LightningDataModule):
             self.build_cache()
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the cache and check it against the config (VAE, resolution, scale, shapes, classes)."""
+        """Open the cache and check it against the config (VAE, resolution, scale, shapes, classes, VAE weights)."""
         if self.train_set is not None:
             return
         meta = read_metadata(self.cache_dir)
@@ -209,6 +209,8 @@ class LatentImageNetDataModule(L.LightningDataModule):
         if meta["num_classes"] > self.num_classes:
             raise ValueError(f"latent cache {self.cache_dir!r} has {meta['num_classes']} classes but "
                              f"data.num_classes={self.num_classes}")
+        if isinstance(self.vae, str):  # decode needs it later (sample grids, FID): fail now, not at step 10,000
+            check_vae_available(self.vae, self.vae_local_path)
         if self.val_size >= meta["count"]:
             raise ValueError(f"data.val_size={self.val_size} must be smaller than the cache ({meta['count']} latents)")
         train_idx = val_idx = None

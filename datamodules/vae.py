@@ -47,6 +47,27 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def check_vae_available(vae: str = DEFAULT_VAE, local_path: str | os.PathLike | None = None) -> None:
+    """Cheap early check (no weights loaded) so a run fails at start-up, not at its first decode."""
+    if local_path:
+        folder = Path(local_path).expanduser()
+        if not ((folder / "config.json").is_file() or (folder / "vae" / "config.json").is_file()):
+            raise VAEUnavailableError(
+                _missing_message(vae, f"data.vae_local_path={str(local_path)!r} has no config.json (not a VAE folder)")
+            )
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(vae, "config.json"), str):
+        return
+    if _hub_offline():
+        raise VAEUnavailableError(_missing_message(vae, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"))
+    if not _hub_reachable():
+        raise VAEUnavailableError(
+            _missing_message(vae, "it is not in the local Hugging Face cache and the hub is unreachable (no network)")
+        )
+
+
 def load_autoencoder(vae: str = DEFAULT_VAE, local_path: str | os.PathLike | None = None):
     """AutoencoderKL from a local folder, else the hub cache, else the hub; fails at once when none works."""
     from diffusers import AutoencoderKL

@@ -18,6 +18,7 @@ def test_latent_loader_benchmark_writes_json(tmp_path):
     assert {(r["num_workers"], r["sample_posterior"]) for r in read["runs"]} == {(0, True), (0, False)}
     assert all(r["latents"] > 0 and r["latents"] % 32 == 0 for r in read["runs"])
     assert encode["images"] == 6 and encode["images_per_s"] > 0 and encode["latents_per_s"] == 2 * encode["images_per_s"]
+    assert encode["preprocess_images_per_cpu_s"] > 0
     assert encode["vae_is_sd_vae"] is False and "NOT the SD VAE" in encode["vae"]
     assert "cpu_model" in data["machine"]
     assert [p.name for p in tmp_path.iterdir()] == ["latent_loader.json"]  # scratch removed

@@ -206,15 +206,15 @@ def test_resuming_with_other_settings_refuses_to_mix_shards(image_root, tiny_vae
         encode_shards(image_root / "train", cache, other, tiny_vae, num_workers=0, progress=False)
 
 
-def _datamodule(cache, **kw):
-    args = dict(cache_dir=str(cache), vae="tiny-random", resolution=RES, image_size=16, channels=4, num_classes=1000,
+def _datamodule(cache, vae, **kw):
+    args = dict(cache_dir=str(cache), vae=vae, resolution=RES, image_size=16, channels=4, num_classes=1000,
                 batch_size=4, num_workers=0, progress=False)
     args.update(kw)
     return LatentImageNetDataModule(**args)
 
 
 def test_datamodule_batches_follow_the_contract(full_cache, tiny_vae):
-    dm = _datamodule(full_cache, vae=tiny_vae)
+    dm = _datamodule(full_cache, tiny_vae)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 4, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long and y.shape == (4,)
@@ -258,8 +258,8 @@ def test_dataset_works_under_a_distributed_sampler(full_cache):
     assert sorted(seen[0] + seen[1]) == list(range(len(ds)))
 
 
-def test_val_size_holds_out_a_fixed_subset(full_cache):
-    dm = _datamodule(full_cache, val_size=3, seed=1)
+def test_val_size_holds_out_a_fixed_subset(full_cache, tiny_vae):
+    dm = _datamodule(full_cache, tiny_vae, val_size=3, seed=1)
     dm.setup()
     assert len(dm.train_set) == len(IMAGES) - 3 and len(dm.val_set) == 3
     assert not set(dm.train_set.indices) & set(dm.val_set.indices)
@@ -268,8 +268,8 @@ def test_val_size_holds_out_a_fixed_subset(full_cache):
 
 def test_prepare_data_builds_a_missing_cache_and_needs_root(image_root, tiny_vae, full_cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root"):
-        _datamodule(tmp_path / "nothing").prepare_data()
-    dm = _datamodule(tmp_path / "built", root=str(image_root), vae=tiny_vae, shard_size=4, encode_batch_size=3,
+        _datamodule(tmp_path / "nothing", tiny_vae).prepare_data()
+    dm = _datamodule(tmp_path / "built", tiny_vae, root=str(image_root), shard_size=4, encode_batch_size=3,
                      encode_num_workers=0)
     dm.prepare_data()
     assert is_complete(tmp_path / "built")
@@ -287,3 +287,15 @@ def test_encode_cli_composes_the_config_and_fails_clearly_without_the_vae(image_
     # The file list was taken and the manifest written before the VAE was needed; nothing looks complete.
     assert not is_complete(tmp_path / "c") and (tmp_path / "c" / SHARD_DIR / "manifest.json").is_file()
     shutil.rmtree(tmp_path / "c")
+
+
+def test_setup_fails_at_once_when_the_vae_for_decode_is_missing(full_cache, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(full_cache, cache)
+    meta = json.loads((cache / "metadata.json").read_text())
+    (cache / "metadata.json").write_text(json.dumps({**meta, "vae": "no-such-org-for-tests/vae"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VAEUnavailableError, match="data.vae_local_path"):
+        _datamodule(cache, "no-such-org-for-tests/vae").setup("fit")
+    with pytest.raises(VAEUnavailableError, match="no config.json"):
+        _datamodule(cache, "no-such-org-for-tests/vae", vae_local_path=str(tmp_path)).setup("fit")
