@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import hydra
@@ -54,18 +55,18 @@ def barrier() -> None:
 
 
 def build_extractor(cfg: DictConfig, data_cfg: dict, device: torch.device) -> torch.nn.Module:
-    """The feature extractor named by cfg.extractor; `auto` is the digits CNN for digits runs, Inception otherwise."""
-    name = cfg.extractor
+    """The feature extractor named by extractor.name; `auto` is the digits CNN for digits runs, Inception otherwise."""
+    ex = cfg.extractor
+    name = ex.name
     if name not in EXTRACTORS:
-        raise ValueError(f"extractor={name!r}; choose one of {EXTRACTORS}")
+        raise ValueError(f"extractor.name={name!r}; choose one of {EXTRACTORS}")
     if name == "auto":
         name = "digits" if data_cfg["_target_"].endswith("DigitsDataModule") else "inception"
     if name == "digits":
-        kw = OmegaConf.to_container(cfg.digits, resolve=True)
         ext = DigitsFeatures(image_size=data_cfg["image_size"], val_fraction=data_cfg.get("val_fraction", 0.1),
-                             split_seed=data_cfg.get("seed", 0), **kw)
+                             split_seed=data_cfg.get("seed", 0), epochs=ex.digits_epochs, cache_dir=ex.cache_dir)
     else:
-        ext = InceptionFeatures(**OmegaConf.to_container(cfg.inception, resolve=True))
+        ext = InceptionFeatures(weights_path=ex.weights_path, cache_dir=ex.cache_dir, download=ex.download)
     return ext.to(device).eval()
 
 
@@ -104,7 +105,7 @@ def read_chunk(path: Path, start: int, end: int) -> tuple[np.ndarray, np.ndarray
             if int(f["start"]) != start or int(f["end"]) != end:
                 return None
             return f["images"], f["labels"]
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # unreadable: regenerate
 
 

@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,7 +45,8 @@ def inception_weight_candidates(weights_path: str | None, cache_dir: str | None)
     if weights_path:
         return [Path(weights_path).expanduser()]
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return [cache / INCEPTION_FILE, Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
+    return [cache / INCEPTION_FILE, Path("data/assets").resolve() / INCEPTION_FILE,  # `make assets` default
+            Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
 
 
 def missing_inception_message(searched: list[Path]) -> str:
