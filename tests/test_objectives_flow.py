@@ -166,6 +166,15 @@ def test_oracle_loss_is_the_irreducible_minimum(path):
     assert worse.mean() > loss.mean() + 0.005
 
 
+def test_a_wrong_time_convention_is_caught(monkeypatch):
+    """If the net were fed t instead of 1000 t, the oracle comparison would fail by a wide margin."""
+    data, y, noise = gaussian_problem(200)
+    obj = flow("linear")
+    monkeypatch.setattr(obj, "t_net", lambda t: t)
+    x = obj.sample(oracle(obj, data), noise, y, sampler="heun", num_steps=20)
+    assert (x - exact_ode_map(data, obj.path, noise, y, obj.t_end)).abs().max() > 0.1
+
+
 def test_sample_t_and_unit_time():
     obj = flow("vp", t_min=0.2, t_max=0.7)
     t = obj.sample_t(5000, "cpu", generator=torch.Generator().manual_seed(0))
@@ -198,6 +207,8 @@ def test_bad_inputs_fail_clearly():
         flow("vp", beta_min=-0.1)
     with pytest.raises(ValueError, match="sde_diffusion"):
         flow("vp", sde_diffusion="wiggly")
+    with pytest.raises(ValueError, match="sbdm.*linear"):
+        flow("linear", sde_diffusion="sbdm")
     with pytest.raises(ValueError, match=r"\(4, 3, 1, 1\).*\(4, 2, 1, 1\)"):
         obj.loss(lambda x, t, y: torch.zeros(4, 3, 1, 1, dtype=x.dtype), data.sample(y), y)
     with pytest.raises(ValueError, match="torch.float32.*torch.float64"):

@@ -51,7 +51,8 @@ class ContinuousObjective(Objective):
         self.default_num_steps = int(num_steps)
         self.resolve_num_steps(None)
         self.atol, self.rtol = float(atol), float(rtol)
-        self.likelihood_solver = make_ode_solver(likelihood_solver, atol=atol, rtol=rtol)
+        make_ode_solver(likelihood_solver)  # validate the name at start-up
+        self.likelihood_solver = likelihood_solver
         self.likelihood_num_steps = int(likelihood_num_steps)
 
     # ---- what a subclass defines -------------------------------------------------------------------------
@@ -152,8 +153,9 @@ class ContinuousObjective(Objective):
                        progress: bool = False) -> Tensor:
         """log p(x0 | y) in nats [B] from the PF-ODE integrated t_min -> 1 (configured likelihood_solver)."""
         n = self.likelihood_num_steps if num_steps is None else int(num_steps)
+        solver = make_ode_solver(self.likelihood_solver, atol=self.atol, rtol=self.rtol)
         return ode_log_likelihood(
-            self.ode_drift(net, y), x0, self.likelihood_solver,
+            self.ode_drift(net, y), x0, solver,
             t_start=self.t_min, t_end=1.0, num_steps=n,
             exact=exact_divergence, generator=generator, progress=progress,
         )

@@ -76,6 +76,9 @@ class FlowObjective(ContinuousObjective):
         if learn_sigma:
             raise ValueError("learn_sigma must be false for the flow objective (it has no learned variance)")
         gaussian_path = make_path(path, beta_min=beta_min, beta_max=beta_max)
+        if sde_diffusion == "sbdm" and path != "vp":
+            raise ValueError(f"sde_diffusion=sbdm is singular at t = 1 on path={path} (alpha(1) = 0); "
+                             "use sde_diffusion=sigma or constant, or path=vp")
         super().__init__(
             gaussian_path,
             t_min=t_min, t_max=t_max,
