@@ -289,6 +289,20 @@ def test_encode_cli_composes_the_config_and_fails_clearly_without_the_vae(image_
     shutil.rmtree(tmp_path / "c")
 
 
+def test_encode_cli_with_a_local_vae_folder_builds_the_cache(image_root, full_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    build_tiny_autoencoder(levels=2).save_pretrained(tmp_path / "vae")  # same weights as the fixture's
+    assert main(["encode", f"data.root={image_root}", f"data.cache_dir={tmp_path / 'c'}", "data.vae=tiny-random",
+                 f"data.vae_local_path={tmp_path / 'vae'}", f"data.resolution={RES}", "data.image_size=16",
+                 "data.shard_size=4", "data.encode_batch_size=3", "data.encode_num_workers=0",
+                 "data.progress=false"]) == 0
+    assert is_complete(tmp_path / "c")
+    for name, arr in _load(tmp_path / "c").items():
+        np.testing.assert_allclose(arr.astype(np.float32), _load(full_cache)[name].astype(np.float32),
+                                   rtol=2e-3, atol=1e-4, err_msg=name)
+
+
 def test_setup_fails_at_once_when_the_vae_for_decode_is_missing(full_cache, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     shutil.copytree(full_cache, cache)
