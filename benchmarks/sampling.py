@@ -156,16 +156,25 @@ def generate_and_measure(module, datamodule, extractor, ref, *, sampler: str, nu
 
 def sweep_module(module, datamodule, extractor, ref, *, samplers=None, steps=DEFAULT_STEPS, tols=DEFAULT_TOLS,
                  num_samples: int, batch_size: int, seed: int, cfg_scale: float = 1.0, device="cpu",
-                 log=print) -> list[dict]:
-    """Every sampler of the module's objective at every cost setting -> one record per (sampler, setting)."""
+                 log=print, failures: list | None = None) -> list[dict]:
+    """Every sampler of the module's objective at every cost setting -> one record per (sampler, setting).
+
+    A setting the sampler rejects (e.g. too few steps for a respaced chain) lands in `failures` with its error.
+    """
     objective = module.objective
     names = list(objective.samplers) if samplers is None else [s for s in samplers if s in objective.samplers]
     records = []
+    failures = [] if failures is None else failures
     for sampler in names:
         for setting in sweep_settings(objective, sampler, steps, tols):
-            rec = generate_and_measure(module, datamodule, extractor, ref, sampler=sampler, num_samples=num_samples,
-                                       batch_size=batch_size, seed=seed, cfg_scale=cfg_scale, device=device,
-                                       **setting)
+            try:
+                rec = generate_and_measure(module, datamodule, extractor, ref, sampler=sampler,
+                                           num_samples=num_samples, batch_size=batch_size, seed=seed,
+                                           cfg_scale=cfg_scale, device=device, **setting)
+            except (ValueError, IndexError, RuntimeError) as err:  # recorded, never silently dropped
+                log(f"  {sampler:15s} {json.dumps(setting):22s} FAILED: {type(err).__name__}: {err}")
+                failures.append({"sampler": sampler, **setting, "error": f"{type(err).__name__}: {err}"})
+                continue
             log(f"  {sampler:15s} {json.dumps(setting):22s} nfe={rec['nfe']:7.1f} fid={rec['fid']:8.3f} "
                 f"acc={rec['class_accuracy']:.3f} {1e3 * rec['wall_s_per_sample']:.2f} ms/sample")
             records.append(rec)
@@ -259,11 +268,12 @@ def run(ckpts: list[str], *, out: str | Path, plot_path: str | Path | None, metr
             extractor, ref = build_metric(metric, datamodule, dev, ref_stats, inception_weights)
         name = objective_name(module)
         log(f"[sampling] {name}: {ckpt}")
+        failures = []
         records = sweep_module(module, datamodule, extractor, ref, samplers=samplers, steps=steps, tols=tols,
                                num_samples=num_samples, batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
-                               device=dev, log=log)
+                               device=dev, log=log, failures=failures)
         runs.append({"objective": name, "ckpt": str(ckpt), "default_sampler": module.objective.default_sampler,
-                     "records": records, "nfe_within_5pct": nfe_to_reach(records)})
+                     "records": records, "failures": failures, "nfe_within_5pct": nfe_to_reach(records)})
     metric_label = "digits-FID" if metric == "digits" else "FID (Inception)"
     results = {
         "benchmark": "sampling",

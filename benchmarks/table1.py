@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, mean_std, write_json  # noqa: E402
 from benchmarks.sampling import build_metric, generate_and_measure, load_module, objective_name  # noqa: E402
+from gen_objectives.paths import GaussianPath  # noqa: E402
 
 OBJECTIVES = ("diffusion", "score", "flow")
 # The deterministic first-order sampler each objective ships, run at the shared NFE.
@@ -58,6 +59,7 @@ class Settings:
     nll_steps: int = 25              # fixed steps of the NLL solver (Heun: 2 NFE per step)
     nll_t_start: float = 1e-3        # common start time of the likelihood ODE (= diffusion's first step, 1/T)
     nll_exact: bool = False          # exact divergence (D backward passes) or Hutchinson (one)
+    elbo_steps: int | None = 100     # diffusion ELBO: stratified estimate over this many step strata (None: all T)
     loss_t_points: int = 20          # unit-time grid of the loss-vs-t curve
     loss_images: int = 180
     jobs: int = 2                    # parallel lanes (seeds split between them), each: train, then evaluate
@@ -69,6 +71,7 @@ class Settings:
 
 
 QUICK = dict(max_steps=3, num_samples=40, batch_size=40, default_nfe=4, ode_nfe=4, nll_images=8, nll_steps=2,
+             elbo_steps=4,
              loss_t_points=4, loss_images=16,
              train_overrides=("model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.batch_size=16",
                               "trainer.log_every_n_steps=1", "module.t_bucket_every_n_steps=1"),
@@ -119,38 +122,52 @@ def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
 
 
 # ---- the diffusion PF-ODE ------------------------------------------------------------------------------
-class DiscreteVPPath:
-    """The VP path of a discrete DDPM schedule: log(abar) linear in t between knots t_i = (i+1)/T.
+class DiscreteVPPath(GaussianPath):
+    """The VP path of a discrete DDPM schedule: log(abar) as a cubic spline in t through knots t_i = (i+1)/T.
 
-    abar(0) = 1, abar(t_i) = alphas_cumprod[i]; alpha = sqrt(abar), sigma = sqrt(1 - abar); the derivatives
-    are those of the interpolant (piecewise constant d log abar / dt ~ -T beta_i = -beta(t)).
-    The network's time is t_net = T t - 1, so at the knots it sees exactly its training indices.
+    abar(0) = 1 and abar(t_i) = alphas_cumprod[i] exactly; alpha = sqrt(abar), sigma = sqrt(1 - abar). The
+    spline (C2) keeps the ODE drift smooth, so Heun stays second order (a piecewise-linear log abar would
+    make beta(t) jump at every knot). The network's time is t_net = T t - 1: its training indices at knots.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
+    name = "discrete_vp"
+
+    def __init__(self, alphas_cumprod):
+        from scipy.interpolate import CubicSpline
+
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         self.T = ac.numel()
-        self.log_ac = torch.cat([torch.zeros(1, dtype=torch.float64), ac.log()])  # knots at t = i/T, i = 0..T
+        knots = torch.arange(self.T + 1, dtype=torch.float64) / self.T
+        log_ac = torch.cat([torch.zeros(1, dtype=torch.float64), ac.log()])
+        spline = CubicSpline(knots.numpy(), log_ac.numpy(), bc_type="natural")
+        self.coef = torch.from_numpy(spline.c.copy())  # [4, T]: (t - t_k)^3, ^2, ^1, ^0 of segment k
+        self.default_t_end = 1.0 / self.T  # the first step of the chain
 
-    def _interp(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log abar(t) and its slope, in float64."""
-        pos = t.to(torch.float64).clamp(0.0, 1.0) * self.T
-        k = pos.floor().clamp(max=self.T - 1).long()
-        log_ac = self.log_ac.to(t.device)
-        slope = (log_ac[k + 1] - log_ac[k]) * self.T
-        return log_ac[k] + (pos - k) * slope / self.T, slope
+    def _log_ac_and_slope(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log abar(t) and d log abar / dt, computed in float64, returned in t's dtype."""
+        t64 = t.to(torch.float64).clamp(0.0, 1.0)
+        k = (t64 * self.T).floor().clamp(max=self.T - 1).long()
+        u = t64 - k / self.T
+        c3, c2, c1, c0 = self.coef.to(t.device)[:, k]
+        value = ((c3 * u + c2) * u + c1) * u + c0
+        slope = (3.0 * c3 * u + 2.0 * c2) * u + c1
+        return value.to(t.dtype), slope.to(t.dtype)
 
-    def coefs(self, t: torch.Tensor, like: torch.Tensor):
-        """alpha, sigma, d_alpha, d_sigma at scalar t, as like's dtype."""
-        log_ac, slope = self._interp(t.reshape(1))
-        ac = log_ac.exp()
-        alpha, sigma = ac.sqrt(), (1.0 - ac).clamp_min(1e-20).sqrt()
-        d_alpha = 0.5 * slope * alpha
-        d_sigma = -0.5 * slope * ac / sigma
-        return [v.to(like.dtype).reshape(()) for v in (alpha, sigma, d_alpha, d_sigma)]
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return (0.5 * self._log_ac_and_slope(t)[0]).exp()
 
-    def t_net(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        return (self.T * t.to(torch.float32) - 1.0).expand(batch)
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return (-torch.expm1(self._log_ac_and_slope(t)[0])).clamp_min(0.0).sqrt()
+
+    def d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self._log_ac_and_slope(t)[1] * self.alpha(t)
+
+    def d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        log_ac, slope = self._log_ac_and_slope(t)
+        return -0.5 * slope * log_ac.exp() / self.sigma(t)
+
+    def t_net(self, t: torch.Tensor) -> torch.Tensor:
+        return self.T * t - 1.0
 
 
 def diffusion_schedule(objective):
@@ -162,14 +179,14 @@ def diffusion_schedule(objective):
     raise AttributeError(f"{type(objective).__name__} exposes no DiscreteSchedule (looked for .schedule)")
 
 
-def diffusion_pf_ode_drift(objective, net, y: torch.Tensor, path: DiscreteVPPath):
-    """dx/dt = d_alpha x0_hat + d_sigma eps_hat with eps_hat the net's first C channels (velocity from eps)."""
+def diffusion_pf_ode_drift(net, y: torch.Tensor, path: DiscreteVPPath):
+    """dx/dt = d_alpha x0_hat + d_sigma eps_hat, eps_hat = the net's first C channels at t_net = T t - 1."""
+    from gen_objectives.conversions import velocity_from_eps
 
     def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        alpha, sigma, d_alpha, d_sigma = path.coefs(t, x)
-        eps = net(x, path.t_net(t, x.shape[0]).to(x.device), y)[:, : x.shape[1]]
-        x0 = (x - sigma * eps) / alpha
-        return d_alpha * x0 + d_sigma * eps
+        t_b = t.to(x.dtype).expand(x.shape[0])
+        eps = net(x, path.t_net(t_b), y)[:, : x.shape[1]]
+        return velocity_from_eps(x, eps, path.coefs(t_b, x.ndim))
 
     return f
 
@@ -178,12 +195,12 @@ def pf_ode_drift(objective, net, y: torch.Tensor):
     """The probability-flow ODE drift f(t, x) of any of the three objectives (t = 0 data, t = 1 noise)."""
     if hasattr(objective, "ode_drift"):
         return objective.ode_drift(net, y)
-    return diffusion_pf_ode_drift(objective, net, y, DiscreteVPPath(diffusion_schedule(objective).alphas_cumprod))
+    return diffusion_pf_ode_drift(net, y, DiscreteVPPath(diffusion_schedule(objective).alphas_cumprod))
 
 
 def pf_ode_t_end(objective) -> float:
     """Where PF-ODE sampling stops: the objective's own t_end, or the first discrete step 1/T for diffusion."""
-    if hasattr(objective, "t_end"):
+    if hasattr(objective, "ode_drift"):
         return float(objective.t_end)
     return 1.0 / diffusion_schedule(objective).num_timesteps
 
@@ -283,7 +300,7 @@ def evaluate_run(ckpt: str | Path, s: Settings, ref_stats: str | None) -> dict:
     out["nll_seconds"] = time.perf_counter() - t0
     if name == "diffusion":
         gen = torch.Generator().manual_seed(s.sample_seed)
-        elbo = obj.bits_per_dim(obj.log_likelihood(net, x0, y, generator=gen), x0)
+        elbo = obj.bits_per_dim(obj.log_likelihood(net, x0, y, num_steps=s.elbo_steps, generator=gen), x0)
         out["elbo_bpd"] = float(elbo.mean())
 
     xl, yl = heldout(dm, s.loss_images)
@@ -381,14 +398,15 @@ def write_markdown(path: Path, results: dict) -> Path:
         "NFE counted by wrapping the network with a call counter).",
         f"- PF-ODE Heun: the same Heun solver (gen_objectives.solvers) on each objective's probability-flow ODE, "
         f"{max(1, nfe // 2)} steps = {nfe} NFE; for diffusion the PF-ODE of its eps-net on the VP path of its "
-        "discrete schedule (log ᾱ interpolated linearly in t, t_net = T·t − 1).",
+        "discrete schedule (log ᾱ a cubic spline in t through ᾱ_i at t = (i+1)/T, t_net = T·t − 1).",
         "- first-order ODE: the objective's own deterministic first-order sampler at the same NFE "
         "(DDIM for diffusion, Euler for score and flow).",
         f"- NLL: −log p(x) through the PF-ODE ({s['nll_solver']}, {s['nll_steps']} steps, "
         f"{'exact divergence' if s['nll_exact'] else 'Hutchinson divergence'}) from t = {s['nll_t_start']:g} "
         f"(the same for all three) on {s['nll_images']} held-out images, in bits per dimension of the model "
         "space [−1, 1] (continuous density, no dequantisation: comparable across objectives, not with "
-        "published discrete bits/dim). ELBO: diffusion's variational bound (objective.log_likelihood).",
+        "published discrete bits/dim). ELBO: diffusion's variational bound (objective.log_likelihood, "
+        f"Gaussian decoder, {s['elbo_steps'] or 'all'} stratified step terms), an upper bound on its NLL.",
         f"- loss vs t: the trained nets' own loss at {s['loss_t_points']} fixed unit times on "
         f"{s['loss_images']} held-out images (plots below).",
         "",

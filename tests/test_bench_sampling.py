@@ -1,0 +1,76 @@
+"""benchmarks/sampling.py: FID-vs-NFE JSON fields and sane values on tiny checkpoints, and the NFE counter."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY, run_train
+
+from benchmarks.common import CountingNet, mean_std
+from benchmarks.sampling import main as sampling_main
+from benchmarks.sampling import nfe_to_reach
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """A 3-step diffusion and flow checkpoint from one train.py multirun (the real training path)."""
+    root = tmp_path_factory.mktemp("sampling_runs")
+    run_train(["-m", *TINY, "objective=diffusion,flow", "trainer.max_steps=3", f"hydra.sweep.dir={root}",
+               "hydra.sweep.subdir=${hydra:runtime.choices.objective}"])
+    return {name: root / name / "checkpoints" / "last.ckpt" for name in ("diffusion", "flow")}
+
+
+def test_sampling_json_fields_and_values(tiny_checkpoints, tmp_path):
+    out, png = tmp_path / "sampling.json", tmp_path / "sampling.png"
+    steps, tols = [1, 3], [1e-1, 1e-2]
+    sampling_main(["--ckpt", str(tiny_checkpoints["diffusion"]), str(tiny_checkpoints["flow"]),
+                   "--steps", ",".join(map(str, steps)), "--tols", ",".join(map(str, tols)),
+                   "--num-samples", "24", "--batch-size", "12", "--out", str(out), "--plot", str(png),
+                   "--threads", "1"])
+    data = json.loads(out.read_text())
+    assert png.is_file() and png.stat().st_size > 1000
+    assert data["benchmark"] == "sampling" and data["metric"] == "digits-FID"
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"] == torch.__version__
+    runs = {r["objective"]: r for r in data["runs"]}
+    assert set(runs) == {"diffusion", "flow"}
+    assert {r["sampler"] for r in runs["diffusion"]["records"]} == {"ddpm", "ddim"}
+    assert {r["sampler"] for r in runs["flow"]["records"]} == {"euler", "heun", "dopri5", "euler_maruyama"}
+    for run in runs.values():
+        for rec in run["records"]:
+            assert math.isfinite(rec["fid"]) and rec["fid"] >= 0.0
+            assert 0.0 <= rec["class_accuracy"] <= 1.0
+            assert rec["wall_s_per_sample"] > 0.0 and rec["num_samples"] == 24
+            if rec["sampler"] == "dopri5":
+                assert rec["tol"] in tols and rec["num_steps"] is None and rec["nfe"] >= 6  # >= one dopri5 step
+            else:
+                # the counter sees exactly one network call per step (Heun: two)
+                assert rec["nfe"] == rec["num_steps"] * (2 if rec["sampler"] == "heun" else 1)
+        finding = run["nfe_within_5pct"]
+        assert set(finding) == {r["sampler"] for r in run["records"]}
+        for sampler, f in finding.items():
+            fids = [r["fid"] for r in run["records"] if r["sampler"] == sampler]
+            assert f["best_fid"] == min(fids) and f["nfe_within"] <= max(
+                r["nfe"] for r in run["records"] if r["sampler"] == sampler)
+
+
+def test_counter_counts_a_cfg_doubled_call_once():
+    from gen_objectives.objectives.flow import FlowObjective
+
+    calls = []
+    net = CountingNet(lambda x, t, y: (calls.append(x.shape[0]), torch.zeros_like(x))[1])
+    obj = FlowObjective(num_classes=3)
+    noise, y = torch.randn(5, 1, 2, 2), torch.randint(0, 3, (5,))
+    obj.sample(net, noise, y, sampler="euler", num_steps=4, cfg_scale=2.0)
+    assert net.calls == 4 and calls == [10] * 4  # doubled batch, one evaluation each step
+
+
+def test_nfe_to_reach_picks_the_cheapest_setting_within_5_percent():
+    recs = [{"sampler": "a", "nfe": n, "fid": f, "num_steps": n, "tol": None}
+            for n, f in [(1, 50.0), (2, 12.0), (4, 10.4), (8, 10.0), (16, 10.2)]]
+    out = nfe_to_reach(recs)["a"]
+    assert out["best_fid"] == 10.0 and out["best_nfe"] == 8
+    assert out["nfe_within"] == 4  # 10.4 <= 1.05 * 10.0, 12.0 is not
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
