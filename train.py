@@ -11,16 +11,11 @@ import socket
 from urllib.parse import urlparse
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gen_objectives.module import GenerativeModule
-
+# torch/lightning are imported inside the functions that need them, so a config error fails in a second.
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64", "64-true")
 REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's pre-timeout signal; plain sbatch: #SBATCH --signal=USR2@120
 
@@ -29,9 +24,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the allowed values."""
 
 
+def global_rank() -> int:
+    """This process's global rank from the launcher's environment (0 when not distributed)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
 def say(msg: str) -> None:
     """Prints once (global rank 0)."""
-    if rank_zero_only.rank == 0:
+    if global_rank() == 0:
         print(msg, flush=True)
 
 
@@ -113,11 +116,14 @@ def build_logger(cfg: DictConfig, run_dir: str):
     if cfg.logger.get("id") is None:  # the same run folder continues the same W&B run
         extra = {"id": "run-" + hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12],
                  "resume": "allow"}
+    group = cfg.logger.get("group")
+    if group and len(group) > 128:  # W&B's limit; long override lists get a stable hash suffix
+        extra["group"] = group[:115] + "-" + hashlib.sha1(group.encode()).hexdigest()[:12]
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "dryrun", "disabled"):
         say(f"W&B: WANDB_MODE={mode}")
     elif not cfg.logger.get("offline"):
-        reason = wandb_offline_reason() if rank_zero_only.rank == 0 else None
+        reason = wandb_offline_reason() if global_rank() == 0 else None
         if reason:
             say(f"W&B: {reason} -> logging OFFLINE to {run_dir}/wandb; upload later with "
                 f"`wandb sync {run_dir}/wandb/offline-run-*`")
@@ -127,6 +133,8 @@ def build_logger(cfg: DictConfig, run_dir: str):
 
 def slurm_plugins() -> list:
     """Under SLURM: Lightning saves an hpc checkpoint and requeues the job on REQUEUE_SIGNAL."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
     if not SLURMEnvironment.detect():
         return []
     signal.signal(REQUEUE_SIGNAL, signal.SIG_DFL)  # let Lightning's handler replace submitit's own
@@ -136,6 +144,11 @@ def slurm_plugins() -> list:
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Builds data, network, objective, module and trainer from `cfg`, then fits (or resumes)."""
+    import lightning as L
+    import torch
+
+    from gen_objectives.module import GenerativeModule
+
     run_dir = os.path.abspath(cfg.run_dir)
     objective = build_objective(cfg)
     validate(cfg, objective)
@@ -157,6 +170,8 @@ def main(cfg: DictConfig) -> float | None:
     module = GenerativeModule(net, objective, **OmegaConf.to_container(cfg.module, resolve=True),
                               sample_shape=sample_shape, seed=cfg.seed, compile=cfg.compile, cfg=plain_cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.trainer.get("enable_progress_bar") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_logger(cfg, run_dir),
                           plugins=slurm_plugins())
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
