@@ -159,6 +159,9 @@ def shard_path(cache_dir: str | os.PathLike, shard: int) -> Path:
 def _prepare_manifest(cache_dir: Path, image_dir: Path, spec: CacheSpec) -> tuple[list[str], list[int], int]:
     """List the images and record (or check) the manifest, so resumed shards match this file list and spec."""
     files, labels, classes = list_image_folder(image_dir)
+    odd = [rel for rel in files if "\t" in rel or "\n" in rel]
+    if odd:
+        raise ValueError(f"image file names with tabs or newlines cannot be listed in the cache: {odd[:3]}")
     shard_dir = cache_dir / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     manifest = {**asdict(spec), "version": CACHE_VERSION, "num_files": len(files),
@@ -192,8 +195,9 @@ def encode_shards(image_dir: str | os.PathLike, cache_dir: str | os.PathLike, sp
     image_dir, cache_dir = Path(image_dir), Path(cache_dir)
     files, labels, num_shards = _prepare_manifest(cache_dir, image_dir, spec)
     mine = list(range(rank, num_shards, world_size))
-    for shard in mine:  # only this rank writes these shards, so its stale temporaries are safe to remove
-        for stale in shard_path(cache_dir, shard).parent.glob(shard_path(cache_dir, shard).name + ".tmp-*"):
+    mine_set = set(mine)
+    for stale in (cache_dir / SHARD_DIR).glob("shard_*.npz.tmp-*"):  # left by a kill during a write
+        if int(stale.name.split("_")[1].split(".")[0]) in mine_set:  # only this rank writes these shards
             stale.unlink()
     pending = [s for s in mine if not shard_path(cache_dir, s).is_file()]
     if not pending:
@@ -256,8 +260,10 @@ def finalize_cache(cache_dir: str | os.PathLike, keep_shards: bool = False) -> d
     """Merge all shards into the memory-mapped arrays, write the report, then the metadata (last)."""
     cache_dir = Path(cache_dir)
     shard_dir = cache_dir / SHARD_DIR
+    for stale in cache_dir.glob("*.tmp-*"):  # a killed finalize (only one process ever finalizes)
+        stale.unlink()
     manifest = json.loads((shard_dir / MANIFEST).read_text())
-    rows = [line.split("\t", 1) for line in (shard_dir / FILE_LIST).read_text().splitlines()]
+    rows = [line.split("\t", 1) for line in (shard_dir / FILE_LIST).read_text().split("\n")[:-1]]
     labels_all = np.asarray([int(lab) for lab, _ in rows], dtype=np.int64)
     files_all = [rel for _, rel in rows]
     if file_list_hash(files_all, labels_all.tolist()) != manifest["file_list_hash"]:

@@ -138,10 +138,12 @@ def test_killed_and_resumed_encode_equals_uninterrupted(image_root, tiny_vae, fu
         finalize_cache(cache)
     stale = shard_path(cache, 1).with_name(shard_path(cache, 1).name + ".tmp-999")
     stale.write_bytes(b"half a shard")  # what a kill during the write leaves behind
+    stale_merge = cache / "mean.npy.tmp-999"
+    stale_merge.write_bytes(b"half a merge")  # what a kill during finalize leaves behind
     resumed = []
     build_cache(image_root / "train", cache, SPEC, tiny_vae, batch_size=3, num_workers=1, progress=False,
                 on_shard_written=resumed.append)
-    assert resumed == [1, 2] and not stale.exists() and not (cache / SHARD_DIR).exists()
+    assert resumed == [1, 2] and not stale.exists() and not stale_merge.exists() and not (cache / SHARD_DIR).exists()
     for name, arr in _load(cache).items():
         assert np.array_equal(arr, _load(full_cache)[name]), name
     assert (cache / "files.txt").read_text() == (full_cache / "files.txt").read_text()
