@@ -1,0 +1,310 @@
+"""Training-step throughput and model FLOP utilisation of a DiT preset; writes JSON.
+
+One step = forward + eps-MSE loss on noised random latents + backward + AdamW + EMA update (fp32 shadow).
+MFU = architecture FLOPs per step (2 per multiply-add, training = 3x forward) / step time / peak, where the
+peak is the datasheet figure on known GPUs and, on CPU, a large matmul of the same dtype measured in this run.
+The timed loop never waits on the host: no .item(); on CUDA the steps are timed with events and the host
+syncs once per window (a sync counter from torch.cuda.set_sync_debug_mode proves it).
+
+    python benchmarks/train_step.py --model S/2 --batch-size 4 --precision fp32 bf16-mixed --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from backbones.dit import DiT, dit_preset  # noqa: E402
+
+# dense datasheet peaks (FLOP/s) by GPU name fragment and precision
+GPU_PEAKS = {
+    "H200": {"bf16-mixed": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "H100": {"bf16-mixed": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "A100": {"bf16-mixed": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+}
+PRECISIONS = ("fp32", "tf32", "bf16-mixed")
+
+
+class _LocalEMA:
+    """Fallback fp32 EMA (same update rule as gen_objectives.ema.EMA) for checkouts without that module."""
+
+    def __init__(self, net: torch.nn.Module, decay: float = 0.9999):
+        self.decay = decay
+        self.src = [p for p in net.parameters()]
+        self.dst = [p.detach().float().clone() for p in self.src]
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        torch._foreach_lerp_(self.dst, [p.float() for p in self.src], 1.0 - self.decay)
+
+
+def make_ema(net: torch.nn.Module):
+    """The project's EMA when it is there, otherwise the local one (both: torch._foreach_lerp_ on fp32)."""
+    try:
+        from gen_objectives.ema import EMA
+    except ImportError:
+        return _LocalEMA(net), "benchmarks.train_step._LocalEMA"
+    return EMA(net, decay=0.9999), "gen_objectives.ema.EMA"
+
+
+def dit_forward_flops(model: DiT, batch_size: int) -> int:
+    """Forward FLOPs (2 per multiply-add) of the matmuls/convs: patch embed, t-MLP, adaLN, qkv, attention,
+    proj, MLP, final layer. Elementwise work (norms, softmax, GELU, modulation) is not counted."""
+    D, N = model.hidden_size, model.grid_size**2
+    p, c_in, c_out = model.patch_size, model.in_channels, model.out_channels
+    freq = model.t_embedder.frequency_embedding_size
+    hidden_mlp = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0
+    per_image = N * (c_in * p * p) * D  # patch embedding conv
+    per_image += freq * D + D * D  # timestep MLP
+    per_block = (
+        D * 6 * D  # adaLN modulation (once per image)
+        + N * D * 3 * D  # qkv
+        + 2 * N * N * D  # q @ k^T and attn @ v over all heads
+        + N * D * D  # output projection
+        + 2 * N * D * hidden_mlp  # fc1 and fc2
+    )
+    per_image += len(model.blocks) * per_block
+    per_image += D * 2 * D + N * D * (p * p * c_out)  # final adaLN and linear
+    return 2 * per_image * batch_size
+
+
+def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, size: int, repeats: int) -> list[float]:
+    """FLOP/s of size^3 matmuls in `dtype` (one sample per repeat), the CPU's practical peak."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        _sync(device)
+        rates.append(2 * size**3 / (time.perf_counter() - start))
+    return rates
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """CUDA max_memory_allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+def cpu_flags() -> dict[str, bool]:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
+
+
+def run_one(args, precision: str, device: torch.device) -> dict:
+    """Build, warm up and time one configuration; return its JSON record."""
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError("precision=tf32 is a CUDA mode; use fp32 or bf16-mixed on CPU")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.manual_seed(args.seed)
+    kwargs = dit_preset(args.model, input_size=args.input_size, in_channels=args.in_channels,
+                        num_classes=args.num_classes, learn_sigma=True)
+    for key in ("depth", "hidden_size", "num_heads"):  # shrink a preset for smoke tests
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    model = DiT(**kwargs).to(device).train()
+    ema, ema_impl = make_ema(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
+    net = torch.compile(model) if args.compile else model
+
+    B, C, S = args.batch_size, args.in_channels, args.input_size
+    x0 = torch.randn(B, C, S, S, device=device)
+    y = torch.randint(0, args.num_classes, (B,), device=device)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0).float().to(device)  # DDPM linear schedule, as DiT
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else contextlib.nullcontext())
+
+    def step(i: int, marks: list | None) -> torch.Tensor:
+        t = torch.randint(0, 1000, (B,), device=device)
+        noise = torch.randn_like(x0)
+        ab = alpha_bar[t].view(B, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        with autocast:
+            out = net(x_t, t.float(), y)
+            loss = F.mse_loss(out[:, :C].float(), noise)
+        mark(marks)
+        loss.backward()
+        mark(marks)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark(marks)
+        ema.update(model, i)
+        mark(marks)
+        return loss.detach()
+
+    def mark(marks: list | None) -> None:
+        if marks is None:
+            return
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append(event)
+        else:
+            marks.append(time.perf_counter())
+
+    for i in range(args.warmup):
+        step(i, None)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # timed windows: per step 5 marks (start, after forward, backward, optimizer, EMA); host syncs per window
+    step_times, phases, losses, syncs = [], {"forward": [], "backward": [], "optimizer": [], "ema": []}, [], 0
+    for _ in range(args.windows):
+        marks_per_step = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            for i in range(args.steps):
+                marks = []
+                mark(marks)
+                losses.append(step(args.warmup + i, marks))
+                marks_per_step.append(marks)
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught)
+        _sync(device)
+        for marks in marks_per_step:
+            if device.type == "cuda":
+                d = [marks[k].elapsed_time(marks[k + 1]) / 1e3 for k in range(4)]
+            else:
+                d = [marks[k + 1] - marks[k] for k in range(4)]
+            step_times.append(sum(d))
+            for name, value in zip(phases, d):
+                phases[name].append(value)
+    final_loss = torch.stack(losses).float()
+    if not torch.isfinite(final_loss).all():
+        raise RuntimeError("non-finite loss during the benchmark")
+
+    step_s = statistics.median(step_times)
+    flops_fwd = dit_forward_flops(model, B)
+    flops_step = 3 * flops_fwd
+    mem, mem_kind = peak_memory_bytes(device)
+    return {
+        "precision": precision,
+        "compile": bool(args.compile),
+        "ema": ema_impl,
+        "params": sum(p.numel() for p in model.parameters()),
+        "step_time_s_median": step_s,
+        "step_time_s_all": step_times,
+        "phase_time_s_median": {k: statistics.median(v) for k, v in phases.items()},
+        "images_per_s": B / step_s,
+        "forward_flops": flops_fwd,
+        "train_flops_per_step": flops_step,
+        "achieved_flops_per_s": flops_step / step_s,
+        "peak_memory_bytes": mem,
+        "peak_memory_kind": mem_kind,
+        "host_syncs_in_timed_loop": syncs if device.type == "cuda" else None,
+        "loss_mean": float(final_loss.mean()),
+    }
+
+
+def peak_for(precision: str, device: torch.device, args) -> tuple[float, str, list[float] | None]:
+    """Datasheet peak on a known GPU, else the measured large-matmul rate in the precision's dtype."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peaks in GPU_PEAKS.items():
+            if fragment in name:
+                return peaks[precision], f"datasheet {fragment} {precision} dense", None
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    rates = matmul_flops_per_s(dtype, device, args.matmul_size, args.matmul_repeats)
+    return statistics.median(rates), f"measured {args.matmul_size}^3 matmul {dtype} (median)", rates
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="S/2", help="DiT preset S|B|L|XL / patch, e.g. B/2")
+    parser.add_argument("--depth", type=int, default=None, help="override the preset depth (smoke tests)")
+    parser.add_argument("--hidden-size", type=int, default=None, help="override the preset width (smoke tests)")
+    parser.add_argument("--num-heads", type=int, default=None, help="override the preset heads (smoke tests)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    parser.add_argument("--windows", type=int, default=2, help="timed windows (host sync after each)")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--matmul-repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_train_step.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    runs = []
+    for precision in args.precision:
+        peak_before, source, rates_before = peak_for(precision, device, args)
+        record = run_one(args, precision, device)
+        peak_after, _, rates_after = peak_for(precision, device, args)
+        # on CPU the matmul rate is measured around the run (shared machines drift); use all samples
+        rates = (rates_before or []) + (rates_after or [])
+        peak = statistics.median(rates) if rates else peak_before
+        record.update(peak_flops_per_s=peak, peak_source=source, matmul_flops_per_s_samples=rates or None,
+                      mfu=record["achieved_flops_per_s"] / peak)
+        runs.append(record)
+        print(f"[train_step] DiT-{args.model} b={args.batch_size} {precision} compile={args.compile}: "
+              f"{record['step_time_s_median'] * 1e3:.1f} ms/step, {record['images_per_s']:.2f} img/s, "
+              f"{record['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {record['mfu']:.1%} of {source} "
+              f"({peak / 1e9:.1f} GFLOP/s)", flush=True)
+
+    by_precision = {r["precision"]: r for r in runs}
+    result = {
+        "benchmark": "train_step",
+        "model": f"DiT-{args.model}",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(),
+        "torch": torch.__version__,
+        "runs": runs,
+        "bf16_speedup_vs_fp32": (by_precision["fp32"]["step_time_s_median"]
+                                 / by_precision["bf16-mixed"]["step_time_s_median"])
+        if {"fp32", "bf16-mixed"} <= by_precision.keys() else None,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"[train_step] wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
