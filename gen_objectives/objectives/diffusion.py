@@ -116,7 +116,7 @@ class DiffusionObjective(Objective):
         self.default_sampler = self.resolve_sampler(sampler)
         self.default_num_steps = int(num_steps)
         self.spacing = spacing
-        self._respaced: dict[int, DiscreteSchedule] = {}
+        self._respaced: dict[str, DiscreteSchedule] = {}
         self.resolve_num_steps(None)
         self.respaced(self.default_num_steps)  # fail at start-up if the default spacing is impossible
         self.eta = float(eta)
@@ -126,10 +126,10 @@ class DiffusionObjective(Objective):
     # ---- schedule plumbing ---------------------------------------------------------------------------------
     def respaced(self, num_steps: int) -> DiscreteSchedule:
         """The sampling chain with num_steps kept steps (cached); the full chain when num_steps == T."""
-        if num_steps not in self._respaced:
-            spec = f"ddim{num_steps}" if self.spacing == "ddim" else str(num_steps)
-            self._respaced[num_steps] = self.schedule.respace(spec)
-        return self._respaced[num_steps]
+        spec = f"ddim{num_steps}" if self.spacing == "ddim" else str(num_steps)
+        if spec not in self._respaced:
+            self._respaced[spec] = self.schedule.respace(spec)
+        return self._respaced[spec]
 
     def output_channels(self, C: int) -> tuple[int, ...]:
         return (2 * C,) if self.learn_sigma else (C,)
