@@ -201,3 +201,10 @@ def test_bad_inputs_fail_clearly():
     # learn_sigma needs 2C channels: a C-channel net fails naming both shapes.
     with pytest.raises(ValueError, match=r"\(4, 2, 1, 1\).*\(4, 2, 1, 1\).*\(4,\)"):
         obj.loss(DiffusionOracle(data, obj.schedule, False), data.sample(y), y)
+
+
+def test_progress_bar(capsys):
+    data, y, noise = gaussian_problem(8)
+    obj = diffusion()
+    obj.sample(DiffusionOracle(data, obj.schedule, True), noise, y, num_steps=5, progress=True)
+    assert "5/5" in capsys.readouterr().err

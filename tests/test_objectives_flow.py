@@ -213,3 +213,14 @@ def test_bad_inputs_fail_clearly():
         obj.loss(lambda x, t, y: torch.zeros(4, 3, 1, 1, dtype=x.dtype), data.sample(y), y)
     with pytest.raises(ValueError, match="torch.float32.*torch.float64"):
         obj.loss(lambda x, t, y: torch.zeros(4, 2, 1, 1), data.sample(y), y)
+
+
+def test_progress_bars(capsys):
+    """progress=True shows a tqdm bar for fixed-step and adaptive samplers and for the likelihood."""
+    data, y, noise = gaussian_problem(8)
+    obj = flow("linear")
+    obj.sample(oracle(obj, data), noise, y, sampler="heun", num_steps=3, progress=True)
+    obj.sample(oracle(obj, data), noise, y, sampler="dopri5", progress=True)
+    obj.log_likelihood(oracle(obj, data), data.sample(y), y, progress=True)
+    err = capsys.readouterr().err
+    assert "heun" in err and "3/3" in err and "dopri5" in err
