@@ -81,13 +81,13 @@ def load_autoencoder(vae: str = DEFAULT_VAE, local_path: str | os.PathLike | Non
                 _missing_message(vae, f"data.vae_local_path={str(local_path)!r} has no config.json (not a VAE folder)")
             )
         try:
-            return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+            return AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
         except Exception as err:  # re-raised with the fix attached
             raise VAEUnavailableError(
                 _missing_message(vae, f"the folder {str(folder)!r} could not be loaded ({type(err).__name__}: {err})")
             ) from err
     try:
-        return AutoencoderKL.from_pretrained(vae, local_files_only=True)
+        return AutoencoderKL.from_pretrained(vae, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as cached_err:  # not in the local hub cache; try the network below
         if _hub_offline():
             raise VAEUnavailableError(
@@ -98,7 +98,7 @@ def load_autoencoder(vae: str = DEFAULT_VAE, local_path: str | os.PathLike | Non
             _missing_message(vae, "it is not in the local Hugging Face cache and the hub is unreachable (no network)")
         )
     try:
-        return AutoencoderKL.from_pretrained(vae)
+        return AutoencoderKL.from_pretrained(vae, low_cpu_mem_usage=False)
     except Exception as err:  # re-raised with the fix attached
         raise VAEUnavailableError(_missing_message(vae, f"download failed ({type(err).__name__}: {err})")) from err
 
