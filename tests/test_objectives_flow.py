@@ -224,3 +224,16 @@ def test_progress_bars(capsys):
     obj.log_likelihood(oracle(obj, data), data.sample(y), y, progress=True)
     err = capsys.readouterr().err
     assert "heun" in err and "3/3" in err and "dopri5" in err
+
+
+def test_low_precision_output_is_upcast_only_under_autocast():
+    """Under autocast a bf16 net output is accepted (upcast to x_t's dtype); outside it, it is an error."""
+    data, y, _ = gaussian_problem(8)
+    x0 = data.sample(y).float()
+    obj = flow("vp")
+    net = lambda x, t, y: x.to(torch.bfloat16)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = obj.loss(net, x0, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    with pytest.raises(ValueError, match="bfloat16"):
+        obj.loss(net, x0, y)
