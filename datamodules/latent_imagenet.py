@@ -27,22 +27,32 @@ class LatentDataset(Dataset):
     """Items of the cache: a random flip and (optionally) a fresh posterior sample, times the scale factor."""
 
     def __init__(self, cache_dir: str | os.PathLike, scale_factor: float, sample_posterior: bool = True,
-                 random_flip: bool = True, indices: np.ndarray | None = None):
+                 random_flip: bool = True, indices: np.ndarray | None = None, rank: int = 0):
         self.cache_dir = Path(cache_dir)
         self.meta = read_metadata(cache_dir)
         self.scale_factor = float(scale_factor)
         self.sample_posterior = sample_posterior
         self.random_flip = random_flip
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.rank = rank
         self._arrays = None
         self._scratch: dict[str, np.ndarray] = {}
+        self._gen: torch.Generator | None = None
 
     def __getstate__(self):
         """Memory maps are reopened in each worker; pickling them would copy the whole cache."""
         state = dict(self.__dict__)
         state["_arrays"] = None
         state["_scratch"] = {}
+        state["_gen"] = None
         return state
+
+    def _generator(self) -> torch.Generator:
+        """Own RNG per (rank, process): flips/noise differ across DDP ranks and workers even when every rank
+        was seeded alike, and reading leaves the global RNG (used by the model) alone."""
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * self.rank) % 2**63)
+        return self._gen
 
     def _open(self):
         """Open (once per process) the memory-mapped mean/std and the labels."""
@@ -65,14 +75,14 @@ class LatentDataset(Dataset):
         if self.indices is not None:
             rows = self.indices[rows]
         if self.random_flip:
-            flips = torch.randint(0, 2, (len(rows),)).numpy()
+            flips = torch.randint(0, 2, (len(rows),), generator=self._generator()).numpy()
         else:
             flips = np.zeros(len(rows), dtype=np.int64)
         flat_rows = rows * 2 + flips  # row of (item, flip) in the [N*2, C*H*W] view
         mu = torch.from_numpy(self._gather(mean, flat_rows, "mean"))
         if self.sample_posterior:
             # fp32 noise times the fp16 std, plus the fp16 mean, in place: the cheapest exact form on CPU.
-            x = torch.empty(mu.shape, dtype=torch.float32).normal_()
+            x = torch.empty(mu.shape, dtype=torch.float32).normal_(generator=self._generator())
             x.mul_(torch.from_numpy(self._gather(std, flat_rows, "std"))).add_(mu)
         else:
             x = mu.float()
@@ -97,11 +107,6 @@ def collate_latents(batch):
     if isinstance(batch, tuple):
         return batch
     return default_collate(batch)
-
-
-def seed_worker(worker_id: int, rank: int = 0) -> None:
-    """Give each (rank, worker) its own flips/noise, even when every rank was seeded alike."""
-    torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
 
 
 class LatentImageNetDataModule(L.LightningDataModule):
@@ -213,24 +218,24 @@ class LatentImageNetDataModule(L.LightningDataModule):
             check_vae_available(self.vae, self.vae_local_path)
         if self.val_size >= meta["count"]:
             raise ValueError(f"data.val_size={self.val_size} must be smaller than the cache ({meta['count']} latents)")
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         train_idx = val_idx = None
         if self.val_size:
             perm = np.random.default_rng(self.seed).permutation(meta["count"])
             train_idx, val_idx = np.sort(perm[self.val_size:]), np.sort(perm[:self.val_size])
         self.train_set = LatentDataset(self.cache_dir, self.scale_factor, self.sample_posterior, self.random_flip,
-                                       indices=train_idx)
+                                       indices=train_idx, rank=rank)
         if val_idx is not None:
             self.val_set = LatentDataset(self.cache_dir, self.scale_factor, self.sample_posterior, False,
-                                         indices=val_idx)
+                                         indices=val_idx, rank=rank)
 
     def _loader(self, dataset: LatentDataset, shuffle: bool, drop_last: bool) -> DataLoader:
         """DataLoader on the batched fast path; Lightning swaps in a DistributedSampler under DDP."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
         return DataLoader(
             dataset, batch_size=min(self.batch_size, len(dataset)), shuffle=shuffle, drop_last=drop_last,
             num_workers=self.num_workers, collate_fn=collate_latents,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0, worker_init_fn=functools.partial(seed_worker, rank=rank),
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

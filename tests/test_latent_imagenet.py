@@ -315,3 +315,16 @@ def test_setup_fails_at_once_when_the_vae_for_decode_is_missing(full_cache, tmp_
         _datamodule(cache, "no-such-org-for-tests/vae").setup("fit")
     with pytest.raises(VAEUnavailableError, match="no config.json"):
         _datamodule(cache, "no-such-org-for-tests/vae", vae_local_path=str(tmp_path)).setup("fit")
+
+
+def test_ranks_draw_different_noise_and_the_global_rng_is_left_alone(full_cache):
+    torch.manual_seed(7)
+    untouched = torch.rand(3)
+    draws = {}
+    for rank in (0, 1, 0):
+        torch.manual_seed(7)  # every rank seeded alike, as seed_everything does
+        ds = LatentDataset(full_cache, 0.18215, sample_posterior=True, random_flip=True, rank=rank)
+        x, _ = ds.__getitems__([0, 1, 2, 3])
+        assert torch.equal(torch.rand(3), untouched)  # reading did not consume the model's RNG
+        draws.setdefault(rank, []).append(x)
+    assert torch.equal(draws[0][0], draws[0][1]) and not torch.allclose(draws[0][0], draws[1][0])
