@@ -29,6 +29,7 @@ from benchmarks.common import RESULTS_DIR, CountingNet, machine_info, write_json
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
 ADAPTIVE_SAMPLERS = ("dopri5",)
+NFE_PER_STEP = {"heun": 2}  # every other fixed-step sampler calls the network once per step
 WITHIN = 0.05  # the finding: NFE needed to get within 5% of a sampler's best FID
 
 
@@ -71,11 +72,13 @@ def build_metric(kind: str, datamodule, device: torch.device, ref_stats: str | N
     return extractor, ref
 
 
-def sweep_settings(objective, sampler: str, steps, tols) -> list[dict]:
-    """The cost settings swept for one sampler: num_steps for fixed-step ones, tolerance for dopri5."""
+def sweep_settings(objective, sampler: str, steps, tols, max_nfe: int | None = None) -> list[dict]:
+    """The cost settings swept for one sampler: num_steps for fixed-step ones (up to max_nfe network calls),
+    tolerance for dopri5."""
     if sampler in ADAPTIVE_SAMPLERS:
         return [{"tol": float(tol)} for tol in tols]
-    return [{"num_steps": int(n)} for n in steps]
+    per_step = NFE_PER_STEP.get(sampler, 1)
+    return [{"num_steps": int(n)} for n in steps if max_nfe is None or n * per_step <= max_nfe]
 
 
 class _Tolerance:
@@ -155,7 +158,7 @@ def generate_and_measure(module, datamodule, extractor, ref, *, sampler: str, nu
 
 
 def sweep_module(module, datamodule, extractor, ref, *, samplers=None, steps=DEFAULT_STEPS, tols=DEFAULT_TOLS,
-                 num_samples: int, batch_size: int, seed: int, cfg_scale: float = 1.0, device="cpu",
+                 max_nfe: int | None = None, num_samples: int, batch_size: int, seed: int, cfg_scale: float = 1.0, device="cpu",
                  log=print, failures: list | None = None) -> list[dict]:
     """Every sampler of the module's objective at every cost setting -> one record per (sampler, setting).
 
@@ -166,7 +169,7 @@ def sweep_module(module, datamodule, extractor, ref, *, samplers=None, steps=DEF
     records = []
     failures = [] if failures is None else failures
     for sampler in names:
-        for setting in sweep_settings(objective, sampler, steps, tols):
+        for setting in sweep_settings(objective, sampler, steps, tols, max_nfe):
             try:
                 rec = generate_and_measure(module, datamodule, extractor, ref, sampler=sampler,
                                            num_samples=num_samples, batch_size=batch_size, seed=seed,
@@ -242,6 +245,44 @@ def checkpoints_from_table1(path: str | Path, seed: int | None = None) -> list[s
     return out
 
 
+def run_children(ckpts: list[str], out: str | Path, *, jobs: int, threads: int | None, args: dict, log) -> list:
+    """One `sampling.py --ckpt X` child per checkpoint, `jobs` at a time; their runs, in checkpoint order."""
+    import concurrent.futures as cf
+    import os
+    import subprocess
+
+    out = Path(out)
+
+    def child(i: int, ckpt: str) -> list:
+        part = out.with_name(f"{out.stem}.part{i}.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--ckpt", str(ckpt), "--out", str(part), "--plot", "",
+               "--steps", ",".join(map(str, args["steps"])), "--tols", ",".join(map(str, args["tols"])),
+               "--num-samples", str(args["num_samples"]), "--batch-size", str(args["batch_size"]),
+               "--seed", str(args["seed"]), "--cfg-scale", str(args["cfg_scale"]), "--device", args["device"],
+               "--threads", str(threads or 1)]
+        if args["max_nfe"]:
+            cmd += ["--max-nfe", str(args["max_nfe"])]
+        if args["samplers"]:
+            cmd += ["--samplers", ",".join(args["samplers"])]
+        if args["metric"] == "inception":
+            cmd += ["--inception"]
+        for key in ("ref_stats", "inception_weights"):
+            if args[key]:
+                cmd += [f"--{key.replace('_', '-')}", str(args[key])]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        log(proc.stdout.rstrip())
+        if proc.returncode != 0:
+            raise RuntimeError(f"sampling child for {ckpt} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        runs = json.loads(part.read_text())["runs"]
+        part.unlink()
+        return runs
+
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda ic: child(*ic), enumerate(ckpts)))
+    return [run for runs in results for run in runs]
+
+
 def parse_floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -251,17 +292,23 @@ def parse_ints(text: str) -> list[int]:
 
 
 def run(ckpts: list[str], *, out: str | Path, plot_path: str | Path | None, metric: str = "digits",
-        samplers: list[str] | None = None, steps=DEFAULT_STEPS, tols=DEFAULT_TOLS, num_samples: int = 500,
-        batch_size: int = 500, seed: int = 0, cfg_scale: float = 1.0, device: str = "cpu",
-        ref_stats: str | None = None, inception_weights: str | None = None, threads: int | None = None,
-        log=print) -> dict:
-    """Sweep every checkpoint; write the JSON (and plot); return the results dict."""
+        samplers: list[str] | None = None, steps=DEFAULT_STEPS, tols=DEFAULT_TOLS, max_nfe: int | None = None,
+        num_samples: int = 500, batch_size: int = 500, seed: int = 0, cfg_scale: float = 1.0,
+        device: str = "cpu", ref_stats: str | None = None, inception_weights: str | None = None,
+        threads: int | None = None, jobs: int = 1, log=print) -> dict:
+    """Sweep every checkpoint (jobs > 1: one child process per checkpoint); write the JSON (and plot)."""
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     t_start = time.time()
     runs = []
     extractor = ref = None
+    if jobs > 1 and len(ckpts) > 1:
+        runs = run_children(ckpts, out, jobs=jobs, threads=threads, args=dict(
+            samplers=samplers, steps=steps, tols=tols, max_nfe=max_nfe, num_samples=num_samples,
+            batch_size=batch_size, seed=seed, cfg_scale=cfg_scale, device=device, ref_stats=ref_stats,
+            inception_weights=inception_weights, metric=metric), log=log)
+        ckpts = []
     for ckpt in ckpts:
         module, datamodule = load_module(ckpt, dev)
         if extractor is None:  # one feature space and reference for all runs (same data config expected)
@@ -270,19 +317,21 @@ def run(ckpts: list[str], *, out: str | Path, plot_path: str | Path | None, metr
         log(f"[sampling] {name}: {ckpt}")
         failures = []
         records = sweep_module(module, datamodule, extractor, ref, samplers=samplers, steps=steps, tols=tols,
-                               num_samples=num_samples, batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
+                               max_nfe=max_nfe, num_samples=num_samples, batch_size=batch_size, seed=seed, cfg_scale=cfg_scale,
                                device=dev, log=log, failures=failures)
         runs.append({"objective": name, "ckpt": str(ckpt), "default_sampler": module.objective.default_sampler,
-                     "records": records, "failures": failures, "nfe_within_5pct": nfe_to_reach(records)})
+                     "extractor": extractor.name, "records": records, "failures": failures,
+                     "nfe_within_5pct": nfe_to_reach(records)})
     metric_label = "digits-FID" if metric == "digits" else "FID (Inception)"
     results = {
         "benchmark": "sampling",
         "metric": metric_label,
         "metric_note": ("digits-FID: features of a small digits CNN classifier, NOT Inception FID"
                         if metric == "digits" else "Inception FID (torch-fidelity inception-v3-compat)"),
-        "extractor": getattr(extractor, "name", None),
+        "extractor": getattr(extractor, "name", None) or next((r["extractor"] for r in runs if "extractor" in r), None),
         "config": {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "cfg_scale": cfg_scale,
-                   "steps": list(steps), "tols": list(tols), "device": device, "within": WITHIN},
+                   "steps": list(steps), "tols": list(tols), "max_nfe": max_nfe, "device": device,
+                   "within": WITHIN, "jobs": jobs, "threads": threads},
         "nfe_note": "NFE = network calls per sampling batch (a CFG-doubled call counts once); "
                     "dopri5 sweeps atol=rtol and its NFE is adaptive (averaged over batches)",
         "runs": runs,
@@ -307,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samplers", default="", help="comma list to restrict (default: all of each objective)")
     p.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="num_steps grid (fixed-step)")
     p.add_argument("--tols", default=",".join(map(str, DEFAULT_TOLS)), help="dopri5 atol=rtol grid")
+    p.add_argument("--max-nfe", type=int, default=None, help="skip fixed-step settings above this NFE")
+    p.add_argument("--jobs", type=int, default=1, help="checkpoints swept in parallel child processes")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -320,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpts = a.ckpt or checkpoints_from_table1(a.from_table1, a.table1_seed)
     results = run(ckpts, out=a.out, plot_path=a.plot or None, metric="inception" if a.inception else "digits",
                   samplers=[s for s in a.samplers.split(",") if s] or None, steps=parse_ints(a.steps),
-                  tols=parse_floats(a.tols), num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
+                  tols=parse_floats(a.tols), max_nfe=a.max_nfe, jobs=a.jobs, num_samples=a.num_samples, batch_size=a.batch_size, seed=a.seed,
                   cfg_scale=a.cfg_scale, device=a.device, ref_stats=a.ref_stats,
                   inception_weights=a.inception_weights, threads=a.threads)
     for run_ in results["runs"]:

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, mean_std, write_json  # noqa: E402
-from benchmarks.sampling import build_metric, generate_and_measure, load_module, objective_name  # noqa: E402
+from benchmarks.sampling import NFE_PER_STEP, build_metric, generate_and_measure, load_module, objective_name  # noqa: E402
 from gen_objectives.paths import GaussianPath  # noqa: E402
 
 OBJECTIVES = ("diffusion", "score", "flow")
@@ -250,9 +250,6 @@ def loss_vs_t(objective, net, x0: torch.Tensor, y: torch.Tensor, points: int, se
 
 
 # ---- one run's evaluation ------------------------------------------------------------------------------
-NFE_PER_STEP = {"heun": 2}  # every other fixed-step sampler calls the network once per step
-
-
 def steps_for_nfe(sampler: str, nfe: int | None) -> int | None:
     """num_steps that spend `nfe` network calls with this sampler (None keeps the objective's default)."""
     if nfe is None:

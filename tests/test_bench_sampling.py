@@ -39,6 +39,11 @@ def test_sampling_json_fields_and_values(tiny_checkpoints, tmp_path):
     assert {r["sampler"] for r in runs["diffusion"]["records"]} == {"ddpm", "ddim"}
     assert {r["sampler"] for r in runs["flow"]["records"]} == {"euler", "heun", "dopri5", "euler_maruyama"}
     for run in runs.values():
+        # every (sampler, setting) was either measured or is listed with the error that rejected it
+        tried = {(r["sampler"], r.get("num_steps"), r.get("tol")) for r in run["records"] + run["failures"]}
+        samplers = {r["sampler"] for r in run["records"] + run["failures"]}
+        assert len(tried) == sum(len(tols) if s == "dopri5" else len(steps) for s in samplers)
+        assert all(f["error"] for f in run["failures"])
         for rec in run["records"]:
             assert math.isfinite(rec["fid"]) and rec["fid"] >= 0.0
             assert 0.0 <= rec["class_accuracy"] <= 1.0
@@ -74,3 +79,21 @@ def test_nfe_to_reach_picks_the_cheapest_setting_within_5_percent():
     assert out["best_fid"] == 10.0 and out["best_nfe"] == 8
     assert out["nfe_within"] == 4  # 10.4 <= 1.05 * 10.0, 12.0 is not
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+
+
+def test_run_all_collects_json_and_renders_results_md(tmp_path):
+    """`make bench`'s driver: runs a benchmark CLI as a subprocess, records command and time, renders RESULTS.md."""
+    from benchmarks.run_all import main as run_all_main
+    from benchmarks.run_all import write_results_md
+
+    out = tmp_path / "results"
+    summary = run_all_main(["--quick", "--only", "train_step", "--out-dir", str(out), "--workdir",
+                            str(tmp_path / "work"), "--no-report"])
+    assert summary["seconds"]["train_step"] > 0 and "train_step.py" in summary["commands"]["train_step"]
+    saved = json.loads((out / "bench_summary.json").read_text())
+    assert saved["machine"]["cpu_model"] and saved["outputs"]["train_step"] == str(out / "bench_train_step.json")
+    bench = json.loads((out / "bench_train_step.json").read_text())
+    assert {r["precision"] for r in bench["runs"]} == {"fp32", "bf16-mixed"}
+    md = write_results_md(out, tmp_path / "RESULTS.md").read_text()
+    assert "## Training step throughput" in md and "| fp32 |" in md and "machine: " in md
+    assert "Command: `python benchmarks/train_step.py" in md
