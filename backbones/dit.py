@@ -64,7 +64,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # [B, D, H/P, W/P]
-        return x.flatten(2).transpose(1, 2)  # [B, N, D], row-major over patches
+        # contiguous once here; otherwise the residual stream inherits the transposed strides and every
+        # LayerNorm (forward and backward) makes its own contiguous copy
+        return x.flatten(2).transpose(1, 2).contiguous()  # [B, N, D], row-major over patches
 
 
 class TimestepEmbedder(nn.Module):
@@ -133,9 +135,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # [B, N, 3, H, D/H]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D/H], strided views
+        # unbind before transposing: backward then stacks the q/k/v grads straight into qkv's layout
+        q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # each [B, H, N, D/H], strided views
         x = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D/H]
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # SDPA's output is [B, N, H, D/H] in memory
 
 
 class Mlp(nn.Module):
