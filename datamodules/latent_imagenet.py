@@ -48,8 +48,7 @@ class LatentDataset(Dataset):
         return state
 
     def _generator(self) -> torch.Generator:
-        """Own RNG per (rank, process): flips/noise differ across DDP ranks and workers even when every rank
-        was seeded alike, and reading leaves the global RNG (used by the model) alone."""
+        """Own RNG per (rank, process): ranks seeded alike still differ, and the model's global RNG is untouched."""
         if self._gen is None:
             self._gen = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * self.rank) % 2**63)
         return self._gen
