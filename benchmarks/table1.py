@@ -48,20 +48,20 @@ class Settings:
 
     objectives: tuple = OBJECTIVES
     seeds: tuple = (0, 1)
-    max_steps: int = 1500
+    max_steps: int = 1000
     train_overrides: tuple = ()      # extra Hydra overrides for train.py (same for every objective)
     num_samples: int = 500           # samples per FID
     batch_size: int = 500
     default_nfe: int | None = 100    # budget of each default sampler (Heun: half as many steps); None: its own
     ode_nfe: int = 20                # the shared NFE of the ODE comparison (Heun: ode_nfe / 2 steps)
-    nll_images: int = 180            # held-out images for the NLL (the whole val split by default)
+    nll_images: int = 128            # held-out images for the NLL (the first of the val split)
     nll_solver: str = "heun"
-    nll_steps: int = 25              # fixed steps of the NLL solver (Heun: 2 NFE per step)
+    nll_steps: int = 20              # fixed steps of the NLL solver (Heun: 2 NFE per step)
     nll_t_start: float = 1e-3        # common start time of the likelihood ODE (= diffusion's first step, 1/T)
     nll_exact: bool = False          # exact divergence (D backward passes) or Hutchinson (one)
-    elbo_steps: int | None = 100     # diffusion ELBO: stratified estimate over this many step strata (None: all T)
+    elbo_steps: int | None = 50     # diffusion ELBO: stratified estimate over this many step strata (None: all T)
     loss_t_points: int = 20          # unit-time grid of the loss-vs-t curve
-    loss_images: int = 180
+    loss_images: int = 128
     jobs: int = 2                    # parallel lanes (seeds split between them), each: train, then evaluate
     inline_eval: bool = False        # evaluate in this process (quick runs) instead of a fresh one per lane
     threads: int = 1                 # torch threads per pipeline
@@ -74,7 +74,8 @@ QUICK = dict(max_steps=3, num_samples=40, batch_size=40, default_nfe=4, ode_nfe=
              elbo_steps=4,
              loss_t_points=4, loss_images=16,
              train_overrides=("model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.batch_size=16",
-                              "trainer.log_every_n_steps=1", "module.t_bucket_every_n_steps=1"),
+                              "trainer.log_every_n_steps=1", "module.t_bucket_every_n_steps=1",
+                              "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"),
              jobs=1, threads=2, inline_eval=True, quick=True)
 
 
@@ -85,7 +86,8 @@ def train_command(seeds: tuple, s: Settings, lane_dir: Path) -> list[str]:
             f"objective={','.join(s.objectives)}", f"seed={','.join(map(str, seeds))}",
             f"trainer.max_steps={s.max_steps}",
             f"hydra.sweep.dir={lane_dir}", "hydra.sweep.subdir=${hydra:runtime.choices.objective}_seed${seed}",
-            "name=table1", "callbacks.sample_grid=null", "callbacks.rich_progress_bar=null", *s.train_overrides]
+            "name=table1", "callbacks.sample_grid=null", "callbacks.rich_progress_bar=null",
+            "trainer.enable_progress_bar=false", *s.train_overrides]
 
 
 def find_checkpoint(run_dir: Path) -> Path:
@@ -257,8 +259,8 @@ def steps_for_nfe(sampler: str, nfe: int | None) -> int | None:
     return max(1, nfe // NFE_PER_STEP.get(sampler, 1))
 
 
-def heldout(datamodule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n images of the validation split (the same for every run)."""
+def heldout(datamodule, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n images of the validation split (all with n=None; the same for every run)."""
     datamodule.setup("fit")
     x, y = datamodule.val_set.tensors
     return x[:n].clone(), y[:n].clone()
@@ -405,7 +407,8 @@ def write_markdown(path: Path, results: dict) -> Path:
         "published discrete bits/dim). ELBO: diffusion's variational bound (objective.log_likelihood, "
         f"Gaussian decoder, {s['elbo_steps'] or 'all'} stratified step terms), an upper bound on its NLL.",
         f"- loss vs t: the trained nets' own loss at {s['loss_t_points']} fixed unit times on "
-        f"{s['loss_images']} held-out images (plots below).",
+        f"{s['loss_images']} held-out images (EMA weights, solid), and the training log's per-t-bucket loss "
+        "(last logged values, dashed) in `table1_loss_vs_t_<objective>.png`.",
         "",
         "Per seed:",
         "",
@@ -450,8 +453,30 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
     return path
 
 
+def logged_loss_buckets(run_dir: Path, last: int = 5) -> dict | None:
+    """The training log's loss per t-bucket (loss_t/a-b columns of csv/metrics.csv), mean of the last rows."""
+    import csv
+
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if any(k.startswith("loss_t/") and r[k] for k in r)]
+    if not rows:
+        return None
+    cols = sorted((k for k in rows[0] if k.startswith("loss_t/")), key=lambda k: float(k[7:].split("-")[0]))
+    centers, means = [], []
+    for col in cols:
+        vals = [float(r[col]) for r in rows[-last:] if r[col] and math.isfinite(float(r[col]))]
+        if vals:
+            lo, hi = (float(v) for v in col[7:].split("-"))
+            centers.append(0.5 * (lo + hi))
+            means.append(sum(vals) / len(vals))
+    return {"unit_t": centers, "loss": means, "rows_averaged": min(last, len(rows))}
+
+
 def plot_loss_vs_t(name: str, runs: list[dict], path: Path) -> Path:
-    """The trained nets' loss at fixed unit times, one line per seed."""
+    """The trained nets' loss at fixed unit times (solid), and the training log's t-buckets (dashed), per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -460,7 +485,11 @@ def plot_loss_vs_t(name: str, runs: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
     for r in runs:
         curve = r["loss_vs_t"]
-        ax.plot(curve["unit_t"], curve["loss"], marker="o", ms=3, label=f"seed {r['seed']}")
+        line, = ax.plot(curve["unit_t"], curve["loss"], marker="o", ms=3, label=f"seed {r['seed']}: eval, fixed t")
+        logged = r.get("logged_loss_buckets")
+        if logged and logged["loss"]:
+            ax.plot(logged["unit_t"], logged["loss"], ls="--", color=line.get_color(), alpha=0.7,
+                    label=f"seed {r['seed']}: training log buckets")
     ax.set_yscale("log")
     ax.set_xlabel("unit time t (0 = data, 1 = noise)")
     ax.set_ylabel("per-sample loss (objective's own weighting)")
@@ -519,7 +548,8 @@ def lane(seeds: tuple, s: Settings, workdir: Path, settings_file: Path, ref_stat
         run_dir = ckpt.parent.parent
         r = json.loads((run_dir / "eval.json").read_text())
         r.update(train_seconds=train_seconds(run_dir, ckpt), run_dir=str(run_dir),
-                 lane_train_seconds=train_total, lane_eval_seconds=eval_total)
+                 lane_train_seconds=train_total, lane_eval_seconds=eval_total,
+                 logged_loss_buckets=logged_loss_buckets(run_dir))
         results.append(r)
     return results
 
@@ -561,7 +591,7 @@ def run_table1(s: Settings, workdir: Path, out_dir: Path, command: str, log=prin
     if ref_path.exists():
         ref_path.unlink()  # the reference follows the data config of this run
     build_metric("digits", dm, torch.device("cpu"), str(ref_path))
-    floor = data_floor(dm, str(ref_path), s.nll_images)
+    floor = data_floor(dm, str(ref_path), None)  # the whole validation split
 
     runs = []
     n_lanes = max(1, min(s.jobs, len(s.seeds)))
@@ -649,6 +679,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         s = replace(s, train_overrides=(*s.train_overrides, *a.train_override))
     command = "python benchmarks/table1.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = run_table1(s, Path(a.workdir), Path(a.out_dir), command.strip())
+    if Path(a.out_dir).resolve() == RESULTS_DIR.resolve():  # the project's results: refresh docs/RESULTS.md
+        from benchmarks.run_all import write_results_md
+
+        print(f"[table1] wrote {write_results_md()}")
     print(Path(a.out_dir, "table1.md").read_text())
     print(f"[table1] done in {results['total_seconds'] / 60:.1f} min -> {a.out_dir}/table1.md")
     return results
