@@ -230,7 +230,7 @@ class FIDCallback(Callback):
         pl_module.eval()
         t0 = time.time()
         bar = tqdm(total=sum(e - s for _, s, e in chunks), desc=f"FID samples (rank {rank})", unit="sample",
-                   disable=not self.progress or rank != 0, leave=False)
+                   disable=not self.progress or rank != 0)
         for _, s, e in chunks:
             images, labels = generate_chunk(generate, dm.decode, s, e, shape, dm.num_classes, self.seed, device)
             acc.update(images, labels, torch.arange(s, e))
