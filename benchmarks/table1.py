@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,20 +59,18 @@ class Settings:
     nll_steps: int = 20              # fixed steps of the NLL solver (Heun: 2 NFE per step)
     nll_t_start: float = 1e-3        # common start time of the likelihood ODE (= diffusion's first step, 1/T)
     nll_exact: bool = False          # exact divergence (D backward passes) or Hutchinson (one)
-    elbo_steps: int | None = 50     # diffusion ELBO: stratified estimate over this many step strata (None: all T)
+    elbo_steps: int | None = 50      # diffusion ELBO: stratified estimate over this many step strata (None: all T)
     loss_t_points: int = 20          # unit-time grid of the loss-vs-t curve
     loss_images: int = 128
     jobs: int = 2                    # parallel lanes (seeds split between them), each: train, then evaluate
     inline_eval: bool = False        # evaluate in this process (quick runs) instead of a fresh one per lane
-    threads: int = 1                 # torch threads per pipeline
+    threads: int = 1                 # torch threads per lane
     sample_seed: int = 0
     quick: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 QUICK = dict(max_steps=3, num_samples=40, batch_size=40, default_nfe=4, ode_nfe=4, nll_images=8, nll_steps=2,
-             elbo_steps=4,
-             loss_t_points=4, loss_images=16,
+             elbo_steps=4, loss_t_points=4, loss_images=16,
              train_overrides=("model.hidden_size=32", "model.depth=1", "model.num_heads=2", "data.batch_size=16",
                               "trainer.log_every_n_steps=1", "module.t_bucket_every_n_steps=1",
                               "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"),
@@ -97,7 +95,7 @@ def find_checkpoint(run_dir: Path) -> Path:
         return last
     found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no checkpoint under {run_dir}; see the lane's stdout.log")
+        raise FileNotFoundError(f"no checkpoint under {run_dir}; see the lane's seed*_train.log beside it")
     return found[-1]
 
 
