@@ -133,7 +133,12 @@ def reference_stats_from_datamodule(datamodule, extractor: torch.nn.Module, devi
     stats = FeatureStats(extractor.feature_dim, device=device)
     starts = [s for i, s in enumerate(range(0, n, batch_size)) if i % world == rank]
     for s in tqdm(starts, desc="reference stats", unit="batch", disable=not progress or rank != 0):
-        x = torch.stack([dataset[i][0] for i in range(s, min(s + batch_size, n))]).to(device)
+        idx = list(range(s, min(s + batch_size, n)))
+        if hasattr(dataset, "__getitems__"):  # batched fast path (LatentDataset)
+            x = dataset.__getitems__(idx)[0]
+        else:
+            x = torch.stack([dataset[i][0] for i in idx])
+        x = x.to(device)
         stats.update(extractor(quantize(datamodule.decode(x)))[0])
     stats.all_reduce()
     return {"mu": stats.mean(), "sigma": stats.cov(), "count": stats.count, "extractor": extractor.name}

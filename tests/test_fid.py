@@ -15,6 +15,7 @@ from callbacks.fid import (
     chunk_bounds,
     chunks_for_rank,
     generate_chunk,
+    get_reference,
     metric_name,
     noise_and_labels,
 )
@@ -26,6 +27,7 @@ from callbacks.fid_stats import (
     quantize,
     save_stats,
 )
+from datamodules.digits import DigitsDataModule
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -159,9 +161,9 @@ class LinearFeatures(torch.nn.Module):
     num_logits = 4
     logits_are_data_classes = False
 
-    def __init__(self):
+    def __init__(self, pixels=16):
         super().__init__()
-        self.proj = torch.nn.Linear(16, 6)
+        self.proj = torch.nn.Linear(pixels, 6)
         self.head = torch.nn.Linear(6, 4)
         torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
         torch.nn.init.normal_(self.head.weight, generator=torch.Generator().manual_seed(1))
@@ -220,3 +222,21 @@ def test_same_fid_on_one_and_two_gloo_processes(tmp_path):
         assert r1["metrics"][key] == r0["metrics"][key]
     assert r0["metrics"]["num_samples"] == 37
     np.testing.assert_allclose(r0["metrics"]["_sigma"], single["_sigma"], rtol=1e-10, atol=1e-12)
+
+
+def test_reference_stats_from_the_datamodule_computed_once(tmp_path):
+    dm = DigitsDataModule(image_size=8, batch_size=32)
+    ext = LinearFeatures(pixels=64)
+    path = tmp_path / "ref.npz"
+    ref = get_reference(str(path), ext, dm, torch.device("cpu"), True, None, 100)
+    x = dm.train_set.tensors[0]  # every train image once, in order (no shuffle, no drop_last)
+    with torch.no_grad():
+        feats = ext(quantize(dm.decode(x)))[0].double().numpy()
+    assert ref["count"] == len(x) == 1617
+    np.testing.assert_allclose(ref["mu"], feats.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(ref["sigma"], np.cov(feats, rowvar=False), rtol=1e-8, atol=1e-10)
+    again = get_reference(str(path), ext, None, torch.device("cpu"), False, None, 100)  # loaded, no data needed
+    np.testing.assert_array_equal(again["sigma"], ref["sigma"])
+    assert again["extractor"] == "linear-test"
+    with pytest.raises(FileNotFoundError, match="compute_ref_if_missing"):
+        get_reference(str(tmp_path / "none.npz"), ext, dm, torch.device("cpu"), False, None, 100)
