@@ -349,6 +349,22 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+def ranking_line(agg: dict, key: str, label: str, lower_is_better: bool = True, digits: int = 2) -> str | None:
+    """Objectives ordered by a metric, and whether each neighbour gap exceeds twice the seeds' spread."""
+    rows = [(name, e["summary"][key]) for name, e in agg.items() if key in e["summary"]
+            and e["summary"][key]["mean"] is not None and math.isfinite(e["summary"][key]["mean"])]
+    if len(rows) < 2:
+        return None
+    rows.sort(key=lambda r: r[1]["mean"], reverse=not lower_is_better)
+    order = (" < " if lower_is_better else " > ").join(f"{n} {st['mean']:.{digits}f}" for n, st in rows)
+    gaps = []
+    for (a, sa), (b, sb) in zip(rows, rows[1:]):
+        gap, spread = abs(sb["mean"] - sa["mean"]), math.hypot(sa["std"], sb["std"])
+        verdict = "beyond 2x the seed spread" if gap > 2 * spread else "within 2x the seed spread (not resolved)"
+        gaps.append(f"{a}→{b}: gap {gap:.{digits}f}, spread {spread:.{digits}f}, {verdict}")
+    return f"- {label}: {order} ({'; '.join(gaps)})"
+
+
 def fmt(stat: dict | None, digits: int = 2) -> str:
     if not stat or stat["mean"] is None or not math.isfinite(stat["mean"]):
         return "–"
@@ -382,6 +398,17 @@ def write_markdown(path: Path, results: dict) -> Path:
             f"{fmt(su.get('ode_first_order.fid'))} | {fmt(su.get('ode_first_order.class_accuracy'), 3)} "
             f"| {fmt(su.get('nll_bpd'), 3)} | {fmt(su.get('elbo_bpd'), 3)} |")
     floor = results.get("data_floor")
+    lines += ["", f"Ranking (mean over {len(s['seeds'])} seeds; spread = √(std₁² + std₂²) of the two neighbours; every "
+              "run samples from the same noise, so the spread is the training-seed variation — a rough estimate "
+              "from so few seeds):"]
+    for key, label, lower, d in (("default.fid", "digits-FID, default samplers", True, 2),
+                                 ("ode_heun.fid", f"digits-FID, PF-ODE Heun @ {nfe} NFE", True, 2),
+                                 ("ode_first_order.fid", f"digits-FID, first-order ODE @ {nfe} NFE", True, 2),
+                                 ("default.class_accuracy", "class accuracy, default samplers", False, 3),
+                                 ("nll_bpd", "NLL bits/dim (PF-ODE)", True, 3)):
+        line = ranking_line(agg, key, label, lower, d)
+        if line:
+            lines.append(line)
     lines += [""]
     if floor:
         lines.append(f"Reference: the {floor['num_images']} held-out real images score digits-FID "
