@@ -466,7 +466,7 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
     from PIL import Image
 
     C, H, W = images.shape[1:]
-    canvas = torch.zeros(num_classes * (H + 1), per_class * (W + 1), dtype=torch.uint8)
+    canvas = torch.full((num_classes * (H + 1), per_class * (W + 1)), 96, dtype=torch.uint8)  # grey gutters
     for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()[:per_class]
         for j, i in enumerate(idx.tolist()):
