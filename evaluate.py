@@ -160,6 +160,9 @@ def write_adm_npz(out_dir: Path, num_samples: int, batch_size: int, shape: tuple
 
 def run(cfg: DictConfig) -> dict:
     """Everything evaluate.py does; returns the metrics (on every rank)."""
+    if not cfg.ckpt or not Path(cfg.ckpt).is_file():
+        raise FileNotFoundError(f"ckpt={cfg.ckpt!r} is not a file; usage: make eval CKPT=path/to/last.ckpt "
+                                "(or python evaluate.py ckpt=path/to/last.ckpt)")
     device = setup_distributed()
     rank, world = _dist_world()
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 sampling, like DiT's sample_ddp.py

@@ -109,6 +109,16 @@ def test_resume_regenerates_only_missing_chunks(tiny_ckpt, e2e, tmp_path):
         evaluate.run(eval_cfg(f"ckpt={tiny_ckpt}", *SMALL, "seed=1", f"out_dir={out}"))
 
 
+def test_missing_inception_weights_fail_before_sampling(tiny_ckpt, tmp_path):
+    out = tmp_path / "eval"
+    with pytest.raises(FileNotFoundError, match="make assets"):
+        evaluate.run(eval_cfg(f"ckpt={tiny_ckpt}", *SMALL, f"out_dir={out}", "extractor.name=inception",
+                              "extractor.download=false", f"extractor.cache_dir={tmp_path}"))
+    assert not list((out / "chunks").glob("*.npz"))  # nothing was sampled
+    with pytest.raises(FileNotFoundError, match="make eval CKPT="):
+        evaluate.run(eval_cfg(f"ckpt={tmp_path / 'missing.ckpt'}", *SMALL))
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_generate_disjoint_shares_with_the_same_result(tiny_ckpt, cache, e2e, tmp_path):
     one = json.loads((e2e / "metrics.json").read_text())
