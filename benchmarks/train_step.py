@@ -143,6 +143,10 @@ def run_one(args, precision: str, device: torch.device) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one pass over params/grads/moments instead of a dozen foreach passes (CPU and CUDA)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **{args.adamw: True})
+    if args.compile and device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1  # no worker pool left competing with the measured cores
     net = torch.compile(model) if args.compile else model
 
     B, C, S = args.batch_size, args.in_channels, args.input_size
