@@ -214,7 +214,9 @@ def _free_port():
 def test_same_fid_on_one_and_two_gloo_processes(tmp_path):
     single, mine = run_share(0, 1, num_samples=37, chunk=5)
     assert mine == list(range(37))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the workers inherit the imports (spawn would re-import torch and Lightning in each)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert set(r0["mine"]).isdisjoint(r1["mine"]) and sorted(r0["mine"] + r1["mine"]) == list(range(37))
     for key in ("fid_37", "inception_score"):
