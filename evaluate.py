@@ -165,8 +165,8 @@ def run(cfg: DictConfig) -> dict:
                                 "(or python evaluate.py ckpt=path/to/last.ckpt)")
     device = setup_distributed()
     rank, world = _dist_world()
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 sampling, like DiT's sample_ddp.py
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)  # sampling only; the Inception pass always runs without
+    torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     from gen_objectives.module import GenerativeModule
 
     module = GenerativeModule.from_checkpoint(cfg.ckpt, map_location="cpu").to(device).eval()
