@@ -128,7 +128,16 @@ def build_logger(cfg: DictConfig, run_dir: str):
             say(f"W&B: {reason} -> logging OFFLINE to {run_dir}/wandb; upload later with "
                 f"`wandb sync {run_dir}/wandb/offline-run-*`")
             extra["offline"] = True
-    return instantiate(cfg.logger, **extra)
+    logger = instantiate(cfg.logger, **extra)
+    if global_rank() != 0 or mode == "disabled":
+        return logger
+    try:
+        _ = logger.experiment  # starts the W&B run now, so a failure cannot stop training later
+    except Exception as e:  # e.g. a rejected key or a server error
+        say(f"W&B could not start ({e.__class__.__name__}: {e}) -> logging OFFLINE to {run_dir}/wandb")
+        logger = instantiate(cfg.logger, **{**extra, "offline": True})
+        _ = logger.experiment
+    return logger
 
 
 def slurm_plugins() -> list:
@@ -159,6 +168,8 @@ def main(cfg: DictConfig) -> float | None:
     say(OmegaConf.to_yaml(plain_cfg))
     say(f"run folder: {run_dir}  (checkpoints/, samples/, logs; resume with run_name={cfg.run_name} ckpt_path=last)")
 
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)  # same init on every rank; per-rank streams in the module
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
@@ -172,12 +183,14 @@ def main(cfg: DictConfig) -> float | None:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.trainer.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_logger(cfg, run_dir),
-                          plugins=slurm_plugins())
+    logger = build_logger(cfg, run_dir)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=slurm_plugins())
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path:
         say(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if isinstance(logger, L.pytorch.loggers.WandbLogger) and trainer.is_global_zero:
+        logger.experiment.finish()  # the next job of a multirun starts its own W&B run
     val = trainer.callback_metrics.get("val/loss")
     return float(val) if val is not None else None
 

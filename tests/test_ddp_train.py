@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 
 import torch
-
 from conftest import run_train
 
 

@@ -7,7 +7,6 @@ import csv
 import shutil
 
 import torch
-
 from conftest import run_train
 
 # 8x8 digits, batch 128: 12 batches per epoch, so the step-12 checkpoint is at an epoch boundary (see

@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
+from conftest import ROOT, offline_env, run_train
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, offline_env, run_train
 from gen_objectives.module import GenerativeModule
 
 CONF = str(ROOT / "conf")
@@ -52,7 +52,7 @@ def test_train_writes_checkpoint_metrics_and_grid(tmp_path, tiny_args):
     assert sum(1 for r in rows if r["train/loss"]) == 3
 
     grid = run / "samples" / "final.png"
-    assert grid.is_file() and f"sample grid (10 classes x 10 samples" in proc.stdout
+    assert grid.is_file() and "sample grid (10 classes x 10 samples" in proc.stdout
 
     module = GenerativeModule.from_checkpoint(str(ckpt_path))
     for key, value in module.ema.state_dict().items():
