@@ -196,7 +196,7 @@ def run_share(rank, world, num_samples, chunk):
 
 def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # first, before any op: a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         metrics, mine = run_share(rank, world, num_samples=37, chunk=5)
