@@ -138,7 +138,7 @@ class Attention(nn.Module):
         # unbind before transposing: backward then stacks the q/k/v grads straight into qkv's layout
         q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # each [B, H, N, D/H], strided views
         x = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D/H]
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # SDPA's output is [B, N, H, D/H] in memory
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # free on flash kernels: output is [B,N,H,D/H] in memory
 
 
 class Mlp(nn.Module):
