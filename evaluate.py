@@ -7,7 +7,6 @@ a larger num_samples reuses the smaller run's samples (same seed and batch_size)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,11 +21,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from callbacks.features import DigitsFeatures, InceptionFeatures, default_cache_dir
+from callbacks.features import DigitsFeatures, InceptionFeatures
 from callbacks.fid import (
     MetricAccumulator,
     chunk_bounds,
     chunks_for_rank,
+    default_ref_path,
     generate_chunk,
     get_reference,
     module_generate_fn,
@@ -117,13 +117,6 @@ def write_chunk(path: Path, images: np.ndarray, labels: np.ndarray, start: int, 
     os.replace(tmp, path)
 
 
-def data_fingerprint(data_cfg: dict) -> str:
-    """A short hash of the data settings that change the images (not loader settings)."""
-    ignore = {"batch_size", "num_workers", "drop_last", "pin_memory", "persistent_workers"}
-    keep = {k: v for k, v in sorted(data_cfg.items()) if k not in ignore}
-    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def save_grid(images: np.ndarray, path: Path, nrow: int) -> None:
     """A PNG grid of NHWC uint8 samples (nearest-upscaled to >= 64 px so digits stay visible)."""
     from PIL import Image
@@ -186,8 +179,7 @@ def run(cfg: DictConfig) -> dict:
     # 0. the extractor and reference statistics first: missing weights fail before hours of sampling
     t1 = time.time()
     extractor = build_extractor(cfg, data_cfg, device)
-    ref_path = cfg.ref_stats or str(default_cache_dir() / "ref_stats" /
-                                    f"{extractor.name}-{data_fingerprint(data_cfg)}.npz")
+    ref_path = cfg.ref_stats or default_ref_path(extractor.name, data_cfg)
     ref = get_reference(ref_path, extractor, datamodule, device, cfg.compute_ref_if_missing, cfg.ref_max_images,
                         cfg.feature_batch_size)
     ref_seconds = time.time() - t1

@@ -9,6 +9,8 @@ the chunk size, i.e. batch_size, is the same).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from tqdm import tqdm
 
+from callbacks.features import default_cache_dir
 from callbacks.fid_stats import (
     ADM_IS_SPLIT_SIZE,
     FeatureStats,
@@ -144,6 +147,14 @@ def reference_stats_from_datamodule(datamodule, extractor: torch.nn.Module, devi
     return {"mu": stats.mean(), "sigma": stats.cov(), "count": stats.count, "extractor": extractor.name}
 
 
+def default_ref_path(extractor_name: str, data_cfg: dict) -> str:
+    """<cache>/ref_stats/<extractor>-<hash of the data settings that change images>.npz, shared by runs."""
+    ignore = {"batch_size", "num_workers", "drop_last", "pin_memory", "persistent_workers"}
+    keep = {k: v for k, v in sorted(data_cfg.items()) if k not in ignore}
+    digest = hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return str(default_cache_dir() / "ref_stats" / f"{extractor_name}-{digest}.npz")
+
+
 def get_reference(path: str | None, extractor: torch.nn.Module, datamodule, device: torch.device,
                   compute_if_missing: bool, max_images: int | None, batch_size: int) -> dict:
     """Load reference stats, or compute them once from the datamodule and save them (rank 0 writes)."""
@@ -224,7 +235,11 @@ class FIDCallback(Callback):
             self.extractor = build_extractor(self.extractor_cfg, device)
         dm = trainer.datamodule
         if self.ref is None:
-            self.ref = get_reference(self.ref_stats, self.extractor, dm, device, self.compute_ref_if_missing,
+            path = self.ref_stats
+            run_cfg = pl_module.hparams.get("cfg") or {}
+            if path is None and "data" in run_cfg:
+                path = default_ref_path(self.extractor.name, run_cfg["data"])
+            self.ref = get_reference(path, self.extractor, dm, device, self.compute_ref_if_missing,
                                      self.ref_max_images, self.batch_size)
         rank, world = _dist_world()
         shape = (dm.channels, dm.image_size, dm.image_size)
