@@ -117,16 +117,17 @@ def write_chunk(path: Path, images: np.ndarray, labels: np.ndarray, start: int, 
     os.replace(tmp, path)
 
 
-def save_grid(images: np.ndarray, path: Path, nrow: int) -> None:
-    """A PNG grid of NHWC uint8 samples (nearest-upscaled to >= 64 px so digits stay visible)."""
+def save_grid(images: np.ndarray, path: Path, nrow: int, pad: int = 1) -> None:
+    """A PNG grid of NHWC uint8 samples, mid-grey separators, nearest-upscaled so 8x8 digits stay visible."""
     from PIL import Image
 
     n, h, w, c = images.shape
     rows = (n + nrow - 1) // nrow
-    grid = np.zeros((rows * h, nrow * w, c), np.uint8)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 128, np.uint8)
     for i, img in enumerate(images):
         r, q = divmod(i, nrow)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = img
     scale = max(1, -(-64 // h))
     pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
     pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
