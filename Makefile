@@ -37,8 +37,9 @@ train: install
 sweep: install
 	$(PYTHON) train.py -m experiment=digits objective=diffusion,score,flow $(ARGS)
 
+# CKPT goes to Hydra quoted: checkpoint names contain '=' (step=0010000.ckpt)
 eval: install
-	$(PYTHON) evaluate.py ckpt=$(CKPT) $(ARGS)
+	$(PYTHON) evaluate.py "ckpt='$(CKPT)'" $(ARGS)
 
 latents: install
 	$(PYTHON) -m datamodules.latent_imagenet encode $(ARGS)
