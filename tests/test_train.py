@@ -7,6 +7,10 @@ import csv
 import glob
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -116,3 +120,26 @@ def test_wandb_without_key_or_network_logs_offline(tmp_path, tiny_args):
     assert "logging OFFLINE" in proc.stdout and "no W&B API key" in proc.stdout
     assert glob.glob(str(run / "wandb" / "offline-run-*")), os.listdir(run)
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_sigterm_writes_last_checkpoint(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), *tiny_args, "trainer.max_steps=100000",
+            "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    try:
+        assert last.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "too slow"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "SIGTERM at step" in out, out[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 2 <= ckpt["global_step"] < 100000
