@@ -191,6 +191,9 @@ def main(cfg: DictConfig) -> float | None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if isinstance(logger, L.pytorch.loggers.WandbLogger) and trainer.is_global_zero:
         logger.experiment.finish()  # the next job of a multirun starts its own W&B run
+    grids = [c.last_path for c in callbacks if getattr(c, "last_path", None)]
+    say(f"done at step {trainer.global_step}: run folder {run_dir}"
+        + (f"\nsample grid: {os.path.abspath(grids[-1])}" if grids else ""))
     val = trainer.callback_metrics.get("val/loss")
     return float(val) if val is not None else None
 

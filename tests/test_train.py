@@ -57,6 +57,7 @@ def test_train_writes_checkpoint_metrics_and_grid(tmp_path, tiny_args):
 
     grid = run / "samples" / "final.png"
     assert grid.is_file() and "sample grid (10 classes x 10 samples" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"sample grid: {grid}")  # the path is the last line printed
 
     module = GenerativeModule.from_checkpoint(str(ckpt_path))
     for key, value in module.ema.state_dict().items():
