@@ -10,12 +10,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 
 class LastCheckpoint(L.Callback):
-    """Saves `<dirpath>/last.ckpt` at the end of fit and on SIGTERM (SLURM pre-emption, scancel).
+    """Saves `<dirpath>/last.ckpt` at the end of fit and on SIGTERM (SLURM pre-emption, scancel)."""
 
-    Lightning's ModelCheckpoint refreshes last.ckpt only together with a periodic checkpoint, so a run
-    ending between two of them would otherwise resume from an older step. Other exceptions (e.g. a
-    non-finite loss) write nothing, so the last good checkpoint stays as it was.
-    """
+    # Lightning's ModelCheckpoint refreshes last.ckpt only together with a periodic checkpoint, so a run ending
+    # between two of them would otherwise resume from an older step. Other exceptions (e.g. a non-finite loss)
+    # write nothing, so the last good checkpoint stays as it was.
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt"):
         self.path = os.path.join(dirpath, filename)

@@ -9,12 +9,11 @@ from torch import nn
 
 
 class EMA:
-    """An fp32 shadow copy of `net` whose floating-point state follows `net` as an exponential average.
+    """An fp32 shadow copy of `net` whose floating-point state follows `net` as an exponential average."""
 
-    The shadow is a separate module (not registered in the LightningModule, so it is neither trained,
-    nor wrapped by DDP, nor duplicated in the checkpoint's `state_dict`); its `state_dict()` has exactly
-    the network's keys, so `net.load_state_dict(ckpt["ema"])` works as for the official DiT files.
-    """
+    # The shadow is a separate module: not registered in the LightningModule, so it is neither trained, nor
+    # wrapped by DDP, nor duplicated in the checkpoint's state_dict. Its state_dict() has exactly the network's
+    # keys, so `net.load_state_dict(ckpt["ema"])` works as for the official DiT files.
 
     def __init__(self, net: nn.Module, decay: float = 0.9999, start_step: int = 0, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
