@@ -86,8 +86,10 @@ def dit_forward_flops(model: DiT, batch_size: int) -> int:
     return 2 * per_image * batch_size
 
 
-def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, size: int, repeats: int) -> list[float]:
-    """FLOP/s of size^3 matmuls in `dtype` (one sample per repeat), the CPU's practical peak.
+def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, size: int,
+                       repeats: int) -> tuple[list[float], list[float]]:
+    """FLOP/s of size^3 matmuls in `dtype` (one sample per repeat), the CPU's practical peak; also FLOP per
+    process CPU-second, which other processes on the same cores do not dilute.
 
     Laid out as nn.Linear computes (x @ W^T): without native bf16, CPU bf16 GEMMs are 6x faster in this
     layout than with a row-major right operand, and this is the path the model's layers take.
@@ -96,14 +98,15 @@ def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, size: int, repe
     w = torch.randn(size, size, device=device).to(dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
     torch.mm(a, w.t(), out=out)  # warm-up
-    rates = []
+    rates, cpu_rates = [], []
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         torch.mm(a, w.t(), out=out)
         _sync(device)
         rates.append(2 * size**3 / (time.perf_counter() - start))
-    return rates
+        cpu_rates.append(2 * size**3 / max(time.process_time() - cpu_start, 1e-9))
+    return rates, cpu_rates
 
 
 def _sync(device: torch.device) -> None:
@@ -202,6 +205,7 @@ def run_one(args, precision: str, device: torch.device) -> dict:
 
     # timed windows: per step 5 marks (start, after forward, backward, optimizer, EMA); host syncs per window
     step_times, phases, losses, syncs = [], {"forward": [], "backward": [], "optimizer": [], "ema": []}, [], 0
+    step_cpu_times = []  # process CPU seconds per step (all threads), CPU only
     for _ in range(args.windows):
         marks_per_step = []
         with warnings.catch_warnings(record=True) as caught:
@@ -209,10 +213,12 @@ def run_one(args, precision: str, device: torch.device) -> dict:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("warn")
             for i in range(args.steps):
-                marks = []
+                marks, cpu_start = [], time.process_time()
                 mark(marks)
                 losses.append(step(args.warmup + i, marks))
                 marks_per_step.append(marks)
+                if device.type == "cpu":
+                    step_cpu_times.append(time.process_time() - cpu_start)
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
         syncs += sum("synchroniz" in str(w.message) for w in caught)
@@ -241,6 +247,7 @@ def run_one(args, precision: str, device: torch.device) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "step_time_s_median": step_s,
         "step_time_s_all": step_times,
+        "step_cpu_time_s_median": statistics.median(step_cpu_times) if step_cpu_times else None,
         "phase_time_s_median": {k: statistics.median(v) for k, v in phases.items()},
         "images_per_s": B / step_s,
         "forward_flops": flops_fwd,
@@ -253,16 +260,16 @@ def run_one(args, precision: str, device: torch.device) -> dict:
     }
 
 
-def peak_for(precision: str, device: torch.device, args) -> tuple[float, str, list[float] | None]:
+def peak_for(precision: str, device: torch.device, args) -> tuple[float, str, list[float] | None, list | None]:
     """Datasheet peak on a known GPU, else the measured large-matmul rate in the precision's dtype."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, peaks in GPU_PEAKS.items():
             if fragment in name:
-                return peaks[precision], f"datasheet {fragment} {precision} dense", None
+                return peaks[precision], f"datasheet {fragment} {precision} dense", None, None
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
-    rates = matmul_flops_per_s(dtype, device, args.matmul_size, args.matmul_repeats)
-    return statistics.median(rates), f"measured {args.matmul_size}^3 matmul {dtype} (median)", rates
+    rates, cpu_rates = matmul_flops_per_s(dtype, device, args.matmul_size, args.matmul_repeats)
+    return statistics.median(rates), f"measured {args.matmul_size}^3 matmul {dtype} (median)", rates, cpu_rates
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -294,9 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = []
     for precision in args.precision:
-        peak_before, source, rates_before = peak_for(precision, device, args)
+        peak_before, source, rates_before, cpu_before = peak_for(precision, device, args)
         record = run_one(args, precision, device)
-        peak_after, _, rates_after = peak_for(precision, device, args)
+        peak_after, _, rates_after, cpu_after = peak_for(precision, device, args)
         # on CPU the matmul rate is measured around the run (shared machines drift); use all samples
         rates = (rates_before or []) + (rates_after or [])
         peak = statistics.median(rates) if rates else peak_before
@@ -305,11 +312,16 @@ def main(argv: list[str] | None = None) -> dict:
         # on a shared machine, best step vs best matmul sample estimates the uncontended ratio
         best_peak = max(rates) if rates else peak
         record["mfu_best"] = record["train_flops_per_step"] / min(record["step_time_s_all"]) / best_peak
+        # the same ratio in process CPU time: immune to time slices lost to other processes
+        cpu_rates = (cpu_before or []) + (cpu_after or [])
+        record["mfu_cpu_time"] = (record["train_flops_per_step"] / record["step_cpu_time_s_median"]
+                                  / statistics.median(cpu_rates)) if cpu_rates else None
         runs.append(record)
         print(f"[train_step] DiT-{args.model} b={args.batch_size} {precision} compile={args.compile}: "
               f"{record['step_time_s_median'] * 1e3:.1f} ms/step, {record['images_per_s']:.2f} img/s, "
               f"{record['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {record['mfu']:.1%} of {source} "
-              f"({peak / 1e9:.1f} GFLOP/s); best step vs best matmul {record['mfu_best']:.1%}", flush=True)
+              f"({peak / 1e9:.1f} GFLOP/s); best step vs best matmul {record['mfu_best']:.1%}"
+              + (f"; in CPU time {record['mfu_cpu_time']:.1%}" if record["mfu_cpu_time"] else ""), flush=True)
 
     by_precision = {r["precision"]: r for r in runs}
     result = {

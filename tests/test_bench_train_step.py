@@ -56,7 +56,7 @@ def test_train_step_json_fields(tmp_path):
         assert run["peak_source"].startswith("measured 128^3 matmul")
         assert len(run["matmul_flops_per_s_samples"]) == 4 and run["peak_flops_per_s"] > 0
         assert 0 < run["mfu"] < 2 and math.isclose(run["mfu"], run["achieved_flops_per_s"] / run["peak_flops_per_s"])
-        assert 0 < run["mfu_best"] < 4
+        assert 0 < run["mfu_best"] < 4 and 0 < run["mfu_cpu_time"] < 4 and run["step_cpu_time_s_median"] > 0
         assert run["peak_memory_bytes"] > 10 * 2**20 and run["peak_memory_kind"] == "process_peak_rss"
         assert math.isfinite(run["loss_mean"]) and 0 < run["loss_mean"] < 10
         assert set(run["phase_time_s_median"]) == {"forward", "backward", "optimizer", "ema"}
