@@ -48,21 +48,21 @@ class Settings:
 
     objectives: tuple = OBJECTIVES
     seeds: tuple = (0, 1)
-    max_steps: int = 1000
+    max_steps: int = 500
     train_overrides: tuple = ()      # extra Hydra overrides for train.py (same for every objective)
-    num_samples: int = 500           # samples per FID
-    batch_size: int = 500
+    num_samples: int = 400           # samples per FID
+    batch_size: int = 400
     default_nfe: int | None = 100    # budget of each default sampler (Heun: half as many steps); None: its own
     ode_nfe: int = 20                # the shared NFE of the ODE comparison (Heun: ode_nfe / 2 steps)
-    nll_images: int = 128            # held-out images for the NLL (the first of the val split)
+    nll_images: int = 64             # held-out images for the NLL (the first of the val split)
     nll_solver: str = "heun"
-    nll_steps: int = 20              # fixed steps of the NLL solver (Heun: 2 NFE per step)
+    nll_steps: int = 16              # fixed steps of the NLL solver (Heun: 2 NFE per step)
     nll_t_start: float = 1e-3        # common start time of the likelihood ODE (= diffusion's first step, 1/T)
     nll_exact: bool = False          # exact divergence (D backward passes) or Hutchinson (one)
-    elbo_steps: int | None = 50      # diffusion ELBO: stratified estimate over this many step strata (None: all T)
-    loss_t_points: int = 20          # unit-time grid of the loss-vs-t curve
-    loss_images: int = 128
-    jobs: int = 2                    # parallel lanes (seeds split between them), each: train, then evaluate
+    elbo_steps: int | None = 32      # diffusion ELBO: stratified estimate over this many step strata (None: all T)
+    loss_t_points: int = 16          # unit-time grid of the loss-vs-t curve
+    loss_images: int = 64
+    jobs: int = 2                    # parallel lanes (per seed; per objective and seed if jobs allow)
     inline_eval: bool = False        # evaluate in this process (quick runs) instead of a fresh one per lane
     threads: int = 1                 # torch threads per lane
     sample_seed: int = 0
@@ -78,10 +78,10 @@ QUICK = dict(max_steps=3, num_samples=40, batch_size=40, default_nfe=4, ode_nfe=
 
 
 # ---- training ----------------------------------------------------------------------------------------------
-def train_command(seeds: tuple, s: Settings, lane_dir: Path) -> list[str]:
+def train_command(objectives: tuple, seeds: tuple, s: Settings, lane_dir: Path) -> list[str]:
     """One train.py multirun over objectives x seeds: exactly what a user would type, in one process."""
     return [sys.executable, str(REPO_ROOT / "train.py"), "-m", "experiment=digits",
-            f"objective={','.join(s.objectives)}", f"seed={','.join(map(str, seeds))}",
+            f"objective={','.join(objectives)}", f"seed={','.join(map(str, seeds))}",
             f"trainer.max_steps={s.max_steps}",
             f"hydra.sweep.dir={lane_dir}", "hydra.sweep.subdir=${hydra:runtime.choices.objective}_seed${seed}",
             "name=table1", "callbacks.sample_grid=null", "callbacks.rich_progress_bar=null",
@@ -551,15 +551,17 @@ def compose_train_config(s: Settings):
 
 
 # ---- main -----------------------------------------------------------------------------------------------
-def lane(seeds: tuple, s: Settings, workdir: Path, settings_file: Path, ref_stats: Path) -> list[dict]:
-    """Train every objective for these seeds (one train.py multirun), then evaluate them (one fresh process,
-    or this one with s.inline_eval, which saves a process start-up in quick runs)."""
-    name = "seed" + "_".join(map(str, seeds))
+def lane(objectives: tuple, seeds: tuple, s: Settings, workdir: Path, settings_file: Path,
+         ref_stats: Path) -> list[dict]:
+    """Train these objectives x seeds (one train.py multirun), then evaluate them (one fresh process, or this
+    one with s.inline_eval, which saves a process start-up in quick runs)."""
+    name = "_".join(objectives) + "_seed" + "_".join(map(str, seeds))
     lane_dir = workdir / name
     if lane_dir.exists():
         shutil.rmtree(lane_dir)  # never evaluate a stale checkpoint of an earlier run
-    train_total = run_logged(train_command(seeds, s, lane_dir), workdir / f"{name}_train.log", s.threads)
-    ckpts = [find_checkpoint(lane_dir / f"{o}_seed{seed}") for seed in seeds for o in s.objectives]
+    train_total = run_logged(train_command(objectives, seeds, s, lane_dir), workdir / f"{name}_train.log",
+                             s.threads)
+    ckpts = [find_checkpoint(lane_dir / f"{o}_seed{seed}") for seed in seeds for o in objectives]
     t0 = time.time()
     if s.inline_eval:
         evaluate_checkpoints(ckpts, s, str(ref_stats))
@@ -619,10 +621,14 @@ def run_table1(s: Settings, workdir: Path, out_dir: Path, command: str, log=prin
     floor = data_floor(dm, str(ref_path), None)  # the whole validation split
 
     runs = []
-    n_lanes = max(1, min(s.jobs, len(s.seeds)))
-    lanes = [tuple(s.seeds[i::n_lanes]) for i in range(n_lanes)]
-    with cf.ThreadPoolExecutor(max_workers=n_lanes) as pool:
-        futures = {pool.submit(lane, seeds, s, workdir, settings_file, ref_path): seeds for seeds in lanes}
+    if s.jobs >= len(s.objectives) * len(s.seeds):  # a lane per (objective, seed)
+        lanes = [((o,), (seed,)) for seed in s.seeds for o in s.objectives]
+    else:  # the seeds dealt to at most `jobs` lanes, each training every objective
+        n = max(1, min(s.jobs, len(s.seeds)))
+        lanes = [(tuple(s.objectives), tuple(s.seeds[i::n])) for i in range(n)]
+    with cf.ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+        futures = {pool.submit(lane, objs, seeds, s, workdir, settings_file, ref_path): seeds
+                   for objs, seeds in lanes}
         for fut in cf.as_completed(futures):
             for r in fut.result():
                 log(f"[table1] {r['objective']} seed {r['seed']}: default digits-FID {r['default']['fid']:.2f}, "
