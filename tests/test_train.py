@@ -125,7 +125,7 @@ def test_wandb_without_key_or_network_logs_offline(tmp_path, tiny_args):
 
 def test_sigterm_writes_last_checkpoint(tmp_path, tiny_args):
     run = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "train.py"), *tiny_args, "trainer.max_steps=100000",
+    args = [sys.executable, str(ROOT / "train.py"), *tiny_args, "trainer.max_steps=100000", "logger=none",
             "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
