@@ -8,6 +8,7 @@ import netrc
 import os
 import signal
 import socket
+import sys
 from urllib.parse import urlparse
 
 import hydra
@@ -159,8 +160,12 @@ def main(cfg: DictConfig) -> float | None:
     from gen_objectives.module import GenerativeModule
 
     run_dir = os.path.abspath(cfg.run_dir)
-    objective = build_objective(cfg)
-    validate(cfg, objective)
+    try:
+        objective = build_objective(cfg)
+        validate(cfg, objective)
+    except ConfigError as e:  # the message names the key and the choices; a traceback adds nothing
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if cfg.global_batch_size is not None:
         with open_dict(cfg):
             cfg.data.batch_size = cfg.global_batch_size // (cfg.trainer.devices * cfg.trainer.num_nodes)
