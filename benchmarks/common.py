@@ -62,6 +62,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "cuda": torch.cuda.is_available(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # shared machines drift
         **{f"git_{k}": v for k, v in git_commit().items()},
     }
     if torch.cuda.is_available():

@@ -108,8 +108,10 @@ def _machine_line(m: dict | None) -> str:
     if not m:
         return "machine: not recorded"
     commit = (m.get("git_commit") or "unknown")[:10]
+    load = m.get("load_avg_1min")
     return (f"machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, torch {m.get('torch')}, "
-            f"commit {commit}{' (dirty tree)' if m.get('git_dirty') else ''}, {m.get('date_utc')}")
+            f"commit {commit}{' (dirty tree)' if m.get('git_dirty') else ''}, {m.get('date_utc')}"
+            + (f", 1-min load average {load:.1f} when written" if load is not None else ""))
 
 
 def train_step_section(d: dict, summary: dict) -> list[str]:

@@ -452,7 +452,8 @@ def write_markdown(path: Path, results: dict) -> Path:
     lines += [
         f"Command: `{results['command']}`  ",
         f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, torch {m['torch']}, commit {m['git_commit'][:10]}"
-        f"{' (dirty tree)' if m.get('git_dirty') else ''}, {m['date_utc']}  ",
+        f"{' (dirty tree)' if m.get('git_dirty') else ''}, {m['date_utc']}; 1-min load average "
+        f"{m.get('load_avg_1min') or float('nan'):.1f} at the end (the machine is shared)  ",
         f"Wall time: {results['total_seconds'] / 60:.1f} min.",
         "",
     ]
