@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
+    if "bf16-mixed" in args.precision and device.type == "cpu" and not cpu_bf16_native():
+        print("[train_step] warning: this CPU has no native bf16 (no AVX-512 BF16 / AMX); bf16 GEMMs run about "
+              "10x slower than fp32 here, so bf16-mixed steps will be much slower than fp32", flush=True)
     runs = []
     for precision in args.precision:
         peak_before, source, rates_before, cpu_before = peak_for(precision, device, args)
