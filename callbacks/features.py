@@ -74,12 +74,13 @@ class InceptionFeatures(nn.Module):
     logits_are_data_classes = False
 
     def __init__(self, weights_path: str | None = None, cache_dir: str | None = None, download: bool = False):
+        """download: fetch torch-fidelity's release file when weights_path is None and no local copy exists."""
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         searched = inception_weight_candidates(weights_path, cache_dir)
         found = next((p for p in searched if p.is_file()), None)
-        if found is None and not download:
+        if found is None and (not download or weights_path):  # an explicit path that is missing is an error
             raise FileNotFoundError(missing_inception_message(searched))
         try:
             self.net = FeatureExtractorInceptionV3(

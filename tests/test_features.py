@@ -16,7 +16,7 @@ def test_missing_inception_weights_message(tmp_path):
     msg = str(err.value)
     assert "make assets" in msg and INCEPTION_FILE in msg and "weights_path" in msg
     assert str(tmp_path / INCEPTION_FILE) in msg and "https://" in msg
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):  # an explicit path is never replaced by a download
         InceptionFeatures(weights_path=str(tmp_path / "nowhere.pth"), download=True)
 
 
