@@ -42,7 +42,7 @@ def tiny_ckpt(tmp_path_factory, cache):
     run_dir = tmp_path_factory.mktemp("run")
     cmd = [PY, "train.py", "experiment=digits", "trainer=cpu", "trainer.max_steps=2", "data.batch_size=16",
            "trainer.limit_val_batches=0", "trainer.val_check_interval=null", "logger=none",
-           "callbacks.rich_progress_bar=null", "callbacks.sample_grid=null", "module.t_bucket_every_n_steps=25",
+           "callbacks.rich_progress_bar=null", "callbacks.sample_grid=null",
            "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run_dir}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env_with_cache(cache), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -67,10 +67,11 @@ def e2e(tiny_ckpt, cache, tmp_path_factory):
            f"hydra.run.dir={tmp / 'hydra'}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env_with_cache(cache), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return out
+    return out, f"ckpt='{named}'"
 
 
 def test_evaluate_end_to_end(e2e):
+    e2e, _ = e2e
     m = json.loads((e2e / "metrics.json").read_text())
     assert m["num_samples"] == 30 and m["world_size"] == 1 and m["samples_generated"] == 30
     assert np.isfinite(m["digits_fid_30"]) and m["digits_fid_30"] > 0
@@ -86,7 +87,8 @@ def test_evaluate_end_to_end(e2e):
     assert Path(m["ref_stats"]).is_file()  # reference stats computed once and cached
 
 
-def test_resume_regenerates_only_missing_chunks(tiny_ckpt, e2e, tmp_path):
+def test_resume_regenerates_only_missing_chunks(e2e, tmp_path):
+    e2e, ckpt = e2e
     out = tmp_path / "eval"
     shutil.copytree(e2e, out)
     first = json.loads((e2e / "metrics.json").read_text())
@@ -98,17 +100,17 @@ def test_resume_regenerates_only_missing_chunks(tiny_ckpt, e2e, tmp_path):
     chunks[1].unlink()
     chunks[2].write_bytes(chunks[2].read_bytes()[:100])
     (out / "chunks" / "chunk_000001.npz.tmp123").write_bytes(b"partial")
-    second = evaluate.run(eval_cfg(f"ckpt={tiny_ckpt}", *SMALL, f"out_dir={out}"))
+    second = evaluate.run(eval_cfg(ckpt, *SMALL, f"out_dir={out}"))
     assert second["samples_generated"] == 20
     assert chunks[0].stat().st_mtime_ns == kept_mtime
     for c, orig in zip(chunks, originals):
         assert np.array_equal(np.load(c)["images"], orig)  # the same samples, regenerated from (seed, index)
     assert second["digits_fid_30"] == pytest.approx(first["digits_fid_30"], rel=1e-6)  # 1 vs 2 CPU threads
     # a larger run reuses every complete chunk; a different seed in the same folder is refused
-    third = evaluate.run(eval_cfg(f"ckpt={tiny_ckpt}", *SMALL[1:], "num_samples=35", f"out_dir={out}"))
+    third = evaluate.run(eval_cfg(ckpt, *SMALL[1:], "num_samples=35", f"out_dir={out}"))
     assert third["samples_generated"] == 5 and "digits_fid_35" in third
     with pytest.raises(ValueError, match="holds samples made with"):
-        evaluate.run(eval_cfg(f"ckpt={tiny_ckpt}", *SMALL, "seed=1", f"out_dir={out}"))
+        evaluate.run(eval_cfg(ckpt, *SMALL, "seed=1", f"out_dir={out}"))
 
 
 def test_missing_inception_weights_fail_before_sampling(tiny_ckpt, tmp_path):
@@ -122,10 +124,11 @@ def test_missing_inception_weights_fail_before_sampling(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_generate_disjoint_shares_with_the_same_result(tiny_ckpt, cache, e2e, tmp_path):
+def test_two_gloo_ranks_generate_disjoint_shares_with_the_same_result(cache, e2e, tmp_path):
+    e2e, ckpt = e2e
     one = json.loads((e2e / "metrics.json").read_text())
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
-           f"ckpt={tiny_ckpt}", *SMALL, f"out_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+           ckpt, *SMALL, f"out_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env_with_cache(cache), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
