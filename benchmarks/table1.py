@@ -331,10 +331,11 @@ def dig(d: dict, key: str):
     return d
 
 
-def aggregate(runs: list[dict]) -> dict:
-    """Per objective: mean, std and per-seed values of every metric."""
+def aggregate(runs: list[dict], order=OBJECTIVES) -> dict:
+    """Per objective (in `order`): mean, std and per-seed values of every metric."""
     out = {}
-    for name in dict.fromkeys(r["objective"] for r in runs):
+    present = {r["objective"] for r in runs}
+    for name in [o for o in order if o in present] + sorted(present - set(order)):
         rs = sorted((r for r in runs if r["objective"] == name), key=lambda r: r["seed"])
         summary = {}
         for key, _ in METRICS:
@@ -452,8 +453,9 @@ def write_markdown(path: Path, results: dict) -> Path:
     lines += [
         f"Command: `{results['command']}`  ",
         f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, torch {m['torch']}, commit {m['git_commit'][:10]}"
-        f"{' (dirty tree)' if m.get('git_dirty') else ''}, {m['date_utc']}; 1-min load average "
-        f"{m.get('load_avg_1min') or float('nan'):.1f} at the end (the machine is shared)  ",
+        f"{' (dirty tree)' if m.get('git_dirty') else ''}, {m['date_utc']}"
+        + (f"; 1-min load average {m['load_avg_1min']:.1f} at the end" if m.get("load_avg_1min") else "")
+        + "; the machine is shared with other jobs  ",
         f"Wall time: {results['total_seconds'] / 60:.1f} min.",
         "",
     ]
@@ -637,7 +639,13 @@ def run_table1(s: Settings, workdir: Path, out_dir: Path, command: str, log=prin
                     f"(train {r['train_seconds']:.0f}s, eval {r['eval_seconds']:.0f}s)")
                 runs.append(r)
 
-    agg = aggregate(runs)
+    return write_reports(s, runs, cfg, dm, floor, out_dir, command, time.time() - t_start)
+
+
+def write_reports(s: Settings, runs: list[dict], cfg, dm, floor: dict, out_dir: Path, command: str,
+                  total_seconds: float, machine: dict | None = None) -> dict:
+    """table1.{json,md}, a sample grid and a loss-vs-t plot per objective, from the evaluated runs."""
+    agg = aggregate(runs, order=s.objectives)
     figures = []
     for name, entry in agg.items():
         first = min(entry["runs"], key=lambda r: r["seed"])
@@ -656,12 +664,33 @@ def run_table1(s: Settings, workdir: Path, out_dir: Path, command: str, log=prin
         "objectives": agg,
         "figures": [str(p) for p in figures],
         "command": command,
-        "total_seconds": time.time() - t_start,
-        "machine": machine_info(),
+        "total_seconds": total_seconds,
+        "machine": machine or machine_info(),
     }
     write_json(out_dir / "table1.json", results)
     write_markdown(out_dir / "table1.md", results)
     return results
+
+
+def report_only(workdir: Path, out_dir: Path) -> dict:
+    """Rewrite table1.{json,md} and figures from a finished run's eval.json files (no training, no sampling);
+    the command and wall time stay those of the run that produced them."""
+    from hydra.utils import instantiate
+
+    raw = json.loads((workdir / "settings.json").read_text())
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    previous = json.loads((out_dir / "table1.json").read_text())
+    cfg = compose_train_config(s)
+    dm = instantiate(cfg.data)
+    runs = []
+    for path in sorted(workdir.glob("*/*/eval.json")):
+        run_dir = path.parent
+        r = json.loads(path.read_text())
+        r.update(train_seconds=train_seconds(run_dir, find_checkpoint(run_dir)), run_dir=str(run_dir),
+                 logged_loss_buckets=logged_loss_buckets(run_dir))
+        runs.append(r)
+    return write_reports(s, runs, cfg, dm, previous["data_floor"], out_dir, previous["command"],
+                         previous["total_seconds"], machine=previous["machine"])
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -677,6 +706,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--workdir", default=str(REPO_ROOT / "outputs" / "table1"))
     p.add_argument("--train-override", action="append", default=[], help="extra train.py override (repeatable)")
     p.add_argument("--set", action="append", default=[], help="any Settings field, e.g. --set ode_nfe=10")
+    p.add_argument("--report-only", action="store_true", help="rewrite the reports from --workdir's eval.json files")
     # child-process mode
     p.add_argument("--eval-ckpts", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--settings-json", help=argparse.SUPPRESS)
@@ -685,6 +715,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.eval_ckpts:
         main_eval(a)
         return None
+    if a.report_only:
+        results = report_only(Path(a.workdir), Path(a.out_dir))
+        print(f"[table1] rewrote {a.out_dir}/table1.md from {a.workdir}")
+        return results
 
     s = Settings()
     if a.quick:
