@@ -221,3 +221,13 @@ def test_discretized_decoder_elbo_is_the_bin_probability():
                                           generator=torch.Generator().manual_seed(2))
     gap = (lls["discretized"] - lls["gaussian"]).mean().item()
     assert gap == pytest.approx(2 * math.log(2 / 255), abs=0.05)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_one_step_chain_is_refused_with_the_key_named(sampler):
+    obj = DiffusionObjective(num_classes=NUM_CLASSES, learn_sigma=False)
+    net = lambda x, t, y: torch.zeros_like(x)
+    noise = torch.randn(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="num_steps >= 2, got num_steps=1"):
+        obj.sample(net, noise, torch.zeros(2, dtype=torch.long), sampler=sampler, num_steps=1)
+    assert obj.sample(net, noise, torch.zeros(2, dtype=torch.long), sampler=sampler, num_steps=2).shape == noise.shape

@@ -126,6 +126,9 @@ class DiffusionObjective(Objective):
     # ---- schedule plumbing ---------------------------------------------------------------------------------
     def respaced(self, num_steps: int) -> DiscreteSchedule:
         """The sampling chain with num_steps kept steps (cached); the full chain when num_steps == T."""
+        if num_steps < 2:
+            # A 1-step chain keeps only step 0 (alpha_bar ~ 1): there is no noise level to start from.
+            raise ValueError(f"diffusion samplers need num_steps >= 2, got num_steps={num_steps}")
         spec = f"ddim{num_steps}" if self.spacing == "ddim" else str(num_steps)
         if spec not in self._respaced:
             self._respaced[spec] = self.schedule.respace(spec)
