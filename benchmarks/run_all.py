@@ -143,12 +143,28 @@ def latent_loader_section(d: dict, summary: dict) -> list[str]:
             "", f"Encoder: {enc['vae']}. 1-min load average during the read: {read.get('load_average_1min')}.", ""]
 
 
+def checkpoint_steps(runs: list[dict]) -> str:
+    """'flow: <path> (N steps), ...' so a reader can tell which training run the sweep measured."""
+    import torch
+
+    parts = []
+    for run_ in runs:
+        path = Path(run_["ckpt"])
+        steps = "file no longer on disk"
+        if path.is_file():
+            steps = f"{torch.load(path, map_location='cpu', weights_only=True).get('global_step')} training steps"
+        shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        parts.append(f"{run_['objective']} `{shown}` ({steps})")
+    return ", ".join(parts)
+
+
 def sampling_section(d: dict, summary: dict) -> list[str]:
     cfg = d["config"]
     lines = ["## Sample quality vs sampling cost (`benchmarks/sampling.py`)", "",
              f"Command: `{summary.get('commands', {}).get('sampling', 'python benchmarks/sampling.py')}`  ",
              f"{d['metric']} ({d['metric_note']}), {cfg['num_samples']} samples, seed {cfg['seed']}, "
              f"cfg scale {cfg['cfg_scale']}. Plot: `results/sampling_fid_vs_nfe.png`.", "",
+             f"Checkpoints (EMA weights): {checkpoint_steps(d['runs'])}.", "",
              "NFE each sampler needs to get within 5% of its own best digits-FID:", "",
              "| objective | sampler | best digits-FID | at NFE | within 5% from NFE | ms/sample there |",
              "|---|---|---|---|---|---|"]
