@@ -48,7 +48,7 @@ class Settings:
 
     objectives: tuple = OBJECTIVES
     seeds: tuple = (0, 1)
-    max_steps: int = 500
+    max_steps: int = 1000
     train_overrides: tuple = ()      # extra Hydra overrides for train.py (same for every objective)
     num_samples: int = 400           # samples per FID
     batch_size: int = 400
