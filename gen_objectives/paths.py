@@ -6,6 +6,7 @@ time tensor; they keep the input's dtype, so float64 in gives float64 out.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -28,24 +29,28 @@ def append_dims(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
-class GaussianPath:
+class GaussianPath(abc.ABC):
     """Base class: a path is its four coefficient functions plus a safe sampling end time."""
 
     name: str = ""
     # Smallest time the ODE/SDE samplers integrate down to (the path may be singular at t = 0).
     default_t_end: float = 0.0
 
+    @abc.abstractmethod
     def alpha(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Signal scale alpha(t) of x0 in x_t."""
 
+    @abc.abstractmethod
     def sigma(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Noise scale sigma(t) of eps in x_t."""
 
+    @abc.abstractmethod
     def d_alpha(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Time derivative d alpha / dt."""
 
+    @abc.abstractmethod
     def d_sigma(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Time derivative d sigma / dt."""
 
     def coefs(self, t: Tensor, ndim: int) -> PathCoefs:
         """All four coefficients at t [B], reshaped to [B,1,..] for an x of `ndim` dims."""

@@ -6,6 +6,7 @@ they are nn.Modules only so that a LightningModule can hold one as a child witho
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 
@@ -57,7 +58,7 @@ def check_output(out: Tensor, x_t: Tensor, channels: tuple[int, ...]) -> Tensor:
     return out
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, metaclass=abc.ABCMeta):
     """One generative objective: training loss, samplers and likelihood behind a single interface."""
 
     samplers: tuple[str, ...] = ()
@@ -73,24 +74,29 @@ class Objective(nn.Module):
         self.guidance_channels = guidance_channels
 
     # ---- the interface -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def sample_t(self, batch_size: int, device, generator: torch.Generator | None = None) -> Tensor:
-        raise NotImplementedError
+        """Training times in the objective's native units [B] (diffusion: step indices)."""
 
+    @abc.abstractmethod
     def unit_time(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Native time mapped to [0, 1] (0 = data) for the loss-vs-t buckets."""
 
+    @abc.abstractmethod
     def loss(self, net: Net, x0: Tensor, y: Tensor, *, t: Tensor | None = None,
              noise: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """Per-sample weighted training loss [B]; t and noise are drawn when None."""
 
+    @abc.abstractmethod
     def sample(self, net: Net, noise: Tensor, y: Tensor, *, sampler: str | None = None,
                num_steps: int | None = None, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
                progress: bool = False) -> Tensor:
-        raise NotImplementedError
+        """x0 samples from noise [B,C,H,W]; sampler=None is the configured default."""
 
+    @abc.abstractmethod
     def log_likelihood(self, net: Net, x0: Tensor, y: Tensor, *, exact_divergence: bool = False,
                        num_steps: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-        raise NotImplementedError
+        """log p(x0) in nats per sample [B] (diffusion: its variational bound)."""
 
     def bits_per_dim(self, nats: Tensor, x0: Tensor) -> Tensor:
         """Negative log-likelihood in bits per dimension of x0 (model space) from log-likelihood nats [B]."""

@@ -8,6 +8,8 @@ what its per-sample loss is; sampling (ODE or reverse SDE) and the likelihood ar
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor
 
@@ -56,21 +58,22 @@ class ContinuousObjective(Objective):
         self.likelihood_num_steps = int(likelihood_num_steps)
 
     # ---- what a subclass defines -------------------------------------------------------------------------
+    @abc.abstractmethod
     def velocity(self, out: Tensor, x_t: Tensor, c: PathCoefs) -> Tensor:
         """PF-ODE velocity from the net output (first C channels)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def score(self, out: Tensor, x_t: Tensor, c: PathCoefs) -> Tensor:
         """grad log p_t(x_t) from the net output (first C channels)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def per_sample_loss(self, out: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor,
                         c: PathCoefs) -> Tensor:
-        raise NotImplementedError
+        """Per-sample weighted loss [B] from the net output (first C channels) and the drawn eps, x_t, t."""
 
+    @abc.abstractmethod
     def sde_w(self, t: Tensor) -> Tensor:
         """Reverse-SDE diffusion w(t) = g(t)^2."""
-        raise NotImplementedError
 
     def corrector(self, net: Net, y: Tensor, cfg_scale: float, generator):
         """Optional corrector step for the reverse SDE (None: predictor only)."""
