@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, mean_std, write_json  # noqa: E402
 from benchmarks.sampling import NFE_PER_STEP, build_metric, generate_and_measure, load_module, objective_name  # noqa: E402
-from gen_objectives.paths import GaussianPath  # noqa: E402
+from gen_objectives.paths import DiscreteVPPath  # noqa: E402,F401  (moved to gen_objectives; re-exported)
 
 OBJECTIVES = ("diffusion", "score", "flow")
 # The deterministic first-order sampler each objective ships, run at the shared NFE.
@@ -122,54 +122,6 @@ def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
 
 
 # ---- the diffusion PF-ODE ------------------------------------------------------------------------------
-class DiscreteVPPath(GaussianPath):
-    """The VP path of a discrete DDPM schedule: log(abar) as a cubic spline in t through knots t_i = (i+1)/T.
-
-    abar(0) = 1 and abar(t_i) = alphas_cumprod[i] exactly; alpha = sqrt(abar), sigma = sqrt(1 - abar). The
-    spline (C2) keeps the ODE drift smooth, so Heun stays second order (a piecewise-linear log abar would
-    make beta(t) jump at every knot). The network's time is t_net = T t - 1: its training indices at knots.
-    """
-
-    name = "discrete_vp"
-
-    def __init__(self, alphas_cumprod):
-        from scipy.interpolate import CubicSpline
-
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        self.T = ac.numel()
-        knots = torch.arange(self.T + 1, dtype=torch.float64) / self.T
-        log_ac = torch.cat([torch.zeros(1, dtype=torch.float64), ac.log()])
-        spline = CubicSpline(knots.numpy(), log_ac.numpy(), bc_type="natural")
-        self.coef = torch.from_numpy(spline.c.copy())  # [4, T]: (t - t_k)^3, ^2, ^1, ^0 of segment k
-        self.default_t_end = 1.0 / self.T  # the first step of the chain
-
-    def _log_ac_and_slope(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log abar(t) and d log abar / dt, computed in float64, returned in t's dtype."""
-        t64 = t.to(torch.float64).clamp(0.0, 1.0)
-        k = (t64 * self.T).floor().clamp(max=self.T - 1).long()
-        u = t64 - k / self.T
-        c3, c2, c1, c0 = self.coef.to(t.device)[:, k]
-        value = ((c3 * u + c2) * u + c1) * u + c0
-        slope = (3.0 * c3 * u + 2.0 * c2) * u + c1
-        return value.to(t.dtype), slope.to(t.dtype)
-
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return (0.5 * self._log_ac_and_slope(t)[0]).exp()
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return (-torch.expm1(self._log_ac_and_slope(t)[0])).clamp_min(0.0).sqrt()
-
-    def d_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return 0.5 * self._log_ac_and_slope(t)[1] * self.alpha(t)
-
-    def d_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        log_ac, slope = self._log_ac_and_slope(t)
-        return -0.5 * slope * log_ac.exp() / self.sigma(t)
-
-    def t_net(self, t: torch.Tensor) -> torch.Tensor:
-        return self.T * t - 1.0
-
-
 def diffusion_schedule(objective):
     """The full (unrespaced) discrete schedule of a diffusion objective."""
     for attr in ("schedule", "base_schedule", "diffusion_schedule"):

@@ -203,7 +203,7 @@ class DiscreteVPPath(GaussianPath):
         """log abar(t) and d log abar / dt, computed in float64, returned in t's dtype."""
         t64 = t.to(torch.float64).clamp(0.0, 1.0)
         k = (t64 * self.T).floor().clamp(max=self.T - 1).long()
-        u = t64 - k / self.T
+        u = t64 - k.to(torch.float64) / self.T  # (a long tensor / int is float32 in torch)
         c3, c2, c1, c0 = self.coef.to(t.device)[:, k]
         value = ((c3 * u + c2) * u + c1) * u + c0
         slope = (3.0 * c3 * u + 2.0 * c2) * u + c1
