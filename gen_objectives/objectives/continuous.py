@@ -217,14 +217,16 @@ class ContinuousObjective(Objective):
                     f"prediction={p.name} with weighting={self.weighting.name} on path={self.path.name} has an "
                     f"infinite loss weight or target at t={t:g} (time_sampling={self.time_sampling}, t_min="
                     f"{self.t_min:g}, t_max={self.t_max:g}); narrow t_min/t_max or pick another prediction/weighting")
+        hints = {"t_max": "set t_max < 1 (SiT starts eps/score models at 1 - 1e-3; x0 = (x - sigma eps) / alpha "
+                          "needs alpha > 0)",
+                 "t_end": "set t_end > 0 (e.g. 1e-3; eps = (x - alpha x0) / sigma needs sigma > 0)"}
         for key, t in (("t_max", self.t_max), ("t_end", self.t_end)):
             c = self.path.coefs(_f64(t), 2)
             values = [p.velocity(one, one, c), p.x0(one, one, c)]
             if not all(torch.isfinite(v).all() for v in values):
                 raise ValueError(
-                    f"prediction={p.name} on path={self.path.name} cannot be sampled at {key}={t:g}: its velocity / x0 "
-                    f"is infinite there (e.g. x0 = (x - sigma eps) / alpha with alpha(1) = 0); set {key} inside "
-                    "the path (SiT uses 1 - 1e-3) or use prediction=velocity|x0")
+                    f"prediction={p.name} on path={self.path.name} cannot be sampled at {key}={t:g}: its velocity or "
+                    f"x0 is infinite there; {hints[key]}, or use prediction=velocity")
         w_end = self.sde_w(_f64(self.t_max))
         if not torch.isfinite(w_end).all():
             raise ValueError(f"sde_diffusion={self.sde_diffusion.name} is infinite at t_max={self.t_max:g} on "
