@@ -34,6 +34,7 @@ IGNORED_EXTRAS = {"projectors.": "REPA's representation-alignment projectors (us
 # model-config keys that say how to build the network rather than being DiT constructor arguments
 NETWORK_KEYS = ("init_from", "init_entry", "time_convention")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+PICKLE_PROTO = b"\x80"  # torch.save's legacy format starts with a pickle protocol >= 2 header
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
@@ -49,9 +50,9 @@ def is_safetensors(path: Path) -> bool:
 
 def _torch_load(path: Path) -> Mapping:
     """torch.load(weights_only=True) that also admits argparse.Namespace (DiT/SiT/REPA store their `args` as one)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a file object: torch.load would pick its own reader by the suffix of a path
+        with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise  # weights_only refused an object (its message names it): nothing was executed
     except Exception as err:
@@ -67,6 +68,10 @@ def _read_file(path: Path) -> Mapping:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != ZIP_MAGIC and head[:1] != PICKLE_PROTO:
+        raise ValueError(f"{path}: neither a torch checkpoint nor a safetensors file (starts with {head!r})")
     return _torch_load(path)
 
 
@@ -193,20 +198,18 @@ SIZE_FALLBACK = "a different model size: model=dit_s|dit_b|dit_l|dit_xl (hidden_
 
 
 def check_fits(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """One-line WeightsMismatchError naming the config key to change when `state` does not fit `net` (sizes or keys)."""
+    """One-line WeightsMismatchError naming the config key to change when `state` does not fit `net`."""
     own = net.state_dict()
     problems = []
-    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    explained = False
-    for k in wrong:
-        hint = SIZE_HINTS.get(k)
-        if hint is not None:
+    patch = state.get("x_embedder.proj.weight")
+    if patch is not None and patch.shape[0] != own["x_embedder.proj.weight"].shape[0]:
+        problems.append(f"the file's hidden size is {patch.shape[0]}, the model's "
+                        f"{own['x_embedder.proj.weight'].shape[0]}: {SIZE_FALLBACK}")
+    else:
+        wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        for k in wrong:
+            hint = SIZE_HINTS.get(k, lambda *_: SIZE_FALLBACK)
             problems.append(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}: {hint(state[k].shape, net)}")
-            explained = True
-    if wrong and not explained:
-        k = wrong[0]
-        problems.append(f"{len(wrong)} tensors differ in size, e.g. {k} {tuple(state[k].shape)} vs model "
-                        f"{tuple(own[k].shape)}: {SIZE_FALLBACK}")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -217,7 +220,8 @@ def check_fits(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -
         problems.append(f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}{depth}")
     if problems:
-        raise WeightsMismatchError(f"{source} does not fit the model strictly: " + "; ".join(problems))
+        raise WeightsMismatchError(f"{source} does not fit the model strictly: " + "; ".join(problems[:4])
+                                   + (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
 
 
 # ---- loading --------------------------------------------------------------------------------------------------

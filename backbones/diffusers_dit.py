@@ -142,8 +142,8 @@ def export_diffusers(net: DiT, folder: str | os.PathLike, *, vae=None, beta_star
                      beta_end: float = 0.02, num_train_timesteps: int = 1000) -> Path:
     """Writes `folder` for diffusers: transformer/ alone, or a whole DiTPipeline when a VAE is given.
 
-    The pipeline's scheduler is DDPM with DiT's linear betas and learned-range variance when the net learns sigma.
-    Written to a temporary folder and renamed, so `folder` is complete or absent.
+    The pipeline's scheduler is DDPM with DiT's linear betas and the posterior variance beta-tilde: DiTPipeline drops
+    the learned-variance channels before the scheduler step (swap in another scheduler with .from_config). Written to a temporary folder and renamed, so `folder` is complete or absent.
     """
     from diffusers import DDPMScheduler, DiTPipeline
 
@@ -159,7 +159,7 @@ def export_diffusers(net: DiT, folder: str | os.PathLike, *, vae=None, beta_star
         else:
             scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
                                       beta_end=beta_end, beta_schedule="linear", clip_sample=False,
-                                      variance_type="learned_range" if net.learn_sigma else "fixed_large")
+                                      variance_type="fixed_small")
             DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(
                 tmp, safe_serialization=True)
         os.replace(tmp, folder)
