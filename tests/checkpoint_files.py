@@ -114,6 +114,11 @@ def write_lightning(path: Path, steps: int = 2) -> Path:
     data = TensorDataset(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1)
-    trainer.fit(module, DataLoader(data, batch_size=8))
-    trainer.save_checkpoint(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny net: one thread avoids oversubscribing shared CPUs
+    try:
+        trainer.fit(module, DataLoader(data, batch_size=8))
+        trainer.save_checkpoint(path)
+    finally:
+        torch.set_num_threads(threads)
     return path

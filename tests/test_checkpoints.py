@@ -18,10 +18,12 @@ from checkpoint_files import (
     write_repa,
     write_sit_training,
 )
+from oracles import single_thread  # noqa: F401 (fixture)
 
 from backbones.checkpoint import load_network, load_weights
 from backbones.dit import DiT
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors on shared CPUs
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "data" / "dit_official_tiny.pt"
 
