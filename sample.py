@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,20 +23,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
-
-ENTRIES = ("auto", "ema", "model", "state_dict")
-
-
-def is_project_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a GenerativeModule checkpoint (hyper_parameters + state_dict + ema); read lazily (mmap)."""
-    path = Path(path)
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    import argparse
-
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return isinstance(obj, dict) and {"hyper_parameters", "state_dict", "ema"} <= set(obj)
 
 
 @dataclass
@@ -54,7 +39,7 @@ class Source:
 def load_source(cfg: DictConfig) -> Source:
     """cfg.ckpt as a project checkpoint (its stored config), else weights (cfg.ckpt or model.init_from) loaded
     into the network of cfg.model, with cfg.objective and cfg.data."""
-    from backbones.checkpoint import build_network
+    from backbones.checkpoint import ENTRIES, build_network, is_project_checkpoint
     from workflow.config_guard import instantiate_trusted
 
     if cfg.entry not in ENTRIES:

@@ -110,6 +110,20 @@ def read_weights(path: str | os.PathLike) -> tuple[Mapping, str]:
     return _read_file(path), ("safetensors" if is_safetensors(path) else "torch file")
 
 
+def is_project_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a GenerativeModule checkpoint (hyper_parameters + state_dict + ema), read lazily (mmap): rebuild
+    those with GenerativeModule.from_checkpoint; anything else loads into a configured net with load_network."""
+    path = Path(path)
+    if not path.is_file() or is_safetensors(path):
+        return False
+    with open(path, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:
+            return False
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(obj, Mapping) and {"hyper_parameters", "state_dict", "ema"} <= set(obj)
+
+
 # ---- choosing and cleaning the state dict ---------------------------------------------------------------------
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
