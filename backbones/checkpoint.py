@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from backbones.conventions import apply_time_convention
+from backbones.conventions import apply_time_convention, check_time_convention
 from backbones.diffusers_dit import diffusers_to_dit, is_diffusers_layout
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ ENTRIES = ("auto", *STATE_DICT_ENTRIES)
 KEY_PREFIXES = ("module.", "_orig_mod.", "net.")
 # extra weights some published files carry next to the DiT, dropped by name and listed in the load message
 IGNORED_EXTRAS = {"projectors.": "REPA's representation-alignment projectors (used only by its training loss)"}
-# model-config keys that say how to build the network rather than being DiT constructor arguments
-NETWORK_KEYS = ("init_from", "init_entry", "time_convention")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 PICKLE_PROTO = b"\x80"  # torch.save's legacy format starts with a pickle protocol >= 2 header
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
@@ -120,7 +118,11 @@ def is_project_checkpoint(path: str | os.PathLike) -> bool:
         if f.read(4) != ZIP_MAGIC:
             return False
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.suffix == ".safetensors":  # torch.load would choose its safetensors reader by this suffix
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return isinstance(obj, Mapping) and {"hyper_parameters", "state_dict", "ema"} <= set(obj)
 
 
@@ -286,7 +288,7 @@ def build_network(model_cfg, *, load_init: bool = True, from_file: bool = True) 
     convention = cfg.pop("time_convention", "project")
     if entry not in ENTRIES:
         raise ValueError(f"model.init_entry={entry!r}; choose one of {ENTRIES}")
-    apply_time_convention(nn.Identity(), convention)  # an unknown name fails before the network is built
+    check_time_convention(convention)  # fails before the network is built
     if from_file:
         from workflow.config_guard import instantiate_trusted
 

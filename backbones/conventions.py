@@ -44,10 +44,14 @@ class REPATime(nn.Module):
 TIME_CONVENTIONS: dict[str, type[nn.Module] | None] = {"project": None, "sit": SiTTime, "repa": REPATime}
 
 
-def apply_time_convention(net: nn.Module, name: str) -> nn.Module:
-    """`net` wrapped so that it follows the project's contract (unchanged for `project`)."""
+def check_time_convention(name: str) -> None:
     if name not in TIME_CONVENTIONS:
         raise ValueError(f"model.time_convention={name!r}; choose one of {tuple(TIME_CONVENTIONS)}")
+
+
+def apply_time_convention(net: nn.Module, name: str) -> nn.Module:
+    """`net` wrapped so that it follows the project's contract (unchanged for `project`)."""
+    check_time_convention(name)
     wrapper = TIME_CONVENTIONS[name]
     return net if wrapper is None else wrapper(net)
 
