@@ -291,7 +291,7 @@ def test_train_py_reads_model_init_from(tmp_path):
     import sys
 
     missing = tmp_path / "absent.pt"
-    proc = subprocess.run([sys.executable, "train.py", "experiment=digits", "logger=none", f"run_dir={tmp_path}",
+    proc = subprocess.run([sys.executable, "train.py", "experiment=digits", "logger=none", f"hydra.run.dir={tmp_path}",
                            "trainer.max_steps=1", f"+model.init_from={missing}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
