@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PYTHON := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo train eval sweep bench table1 latents assets clean
+.PHONY: install test test-fast lint demo train eval sample sweep bench table1 latents assets clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ sweep: install
 # CKPT goes to Hydra quoted: checkpoint names contain '=' (step=0010000.ckpt)
 eval: install
 	$(PYTHON) evaluate.py "ckpt='$(CKPT)'" $(ARGS)
+
+# a sample grid + ADM .npz from a checkpoint or published weights: make sample CKPT=path [ARGS="cfg_scale=4"],
+# make sample ARGS="experiment=published_dit_xl" (weights from `make assets ARGS="--published dit_xl"`)
+sample: install
+	$(PYTHON) sample.py $(if $(CKPT),"ckpt='$(CKPT)'") $(ARGS)
 
 latents: install
 	$(PYTHON) -m datamodules.latent_imagenet encode $(ARGS)

@@ -17,7 +17,6 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from callbacks.fid import (
     sampler_settings,
 )
 from callbacks.fid_stats import _all_reduce_sum, _dist_world
+from workflow.config_guard import instantiate_trusted
 
 EXTRACTORS = ("auto", "inception", "digits")
 
@@ -166,7 +166,7 @@ def run(cfg: DictConfig) -> dict:
     module = GenerativeModule.from_checkpoint(cfg.ckpt, map_location="cpu").to(device).eval()
     run_cfg = module.hparams["cfg"]
     data_cfg = {**run_cfg["data"], **OmegaConf.to_container(cfg.data, resolve=True)}
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate_trusted(data_cfg, f"{cfg.ckpt}: data")  # read from the file: project classes only
     settings = {"ckpt": str(Path(cfg.ckpt).resolve()), "seed": int(cfg.seed), "batch_size": int(cfg.batch_size),
                 **sampler_settings(module.objective, cfg.sampler, cfg.num_steps, cfg.cfg_scale)}
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg, settings)

@@ -157,6 +157,7 @@ def main(cfg: DictConfig) -> float | None:
     import lightning as L
     import torch
 
+    from backbones.checkpoint import build_network
     from gen_objectives.module import GenerativeModule
 
     run_dir = os.path.abspath(cfg.run_dir)
@@ -181,7 +182,7 @@ def main(cfg: DictConfig) -> float | None:
         torch.backends.cudnn.allow_tf32 = True
 
     datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model)
+    net = build_network(cfg.model, from_file=False)  # loads model.init_from before the EMA copy
     sample_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     module = GenerativeModule(net, objective, **OmegaConf.to_container(cfg.module, resolve=True),
                               sample_shape=sample_shape, seed=cfg.seed, compile=cfg.compile, cfg=plain_cfg)

@@ -35,13 +35,12 @@ WITHIN = 0.05  # the finding: NFE needed to get within 5% of a sampler's best FI
 
 def load_module(ckpt: str | Path, device: torch.device):
     """A trained GenerativeModule and its datamodule, both rebuilt from the checkpoint's stored config."""
-    from hydra.utils import instantiate
-
     from gen_objectives.module import GenerativeModule
+    from workflow.config_guard import instantiate_trusted
 
     module = GenerativeModule.from_checkpoint(str(ckpt), map_location="cpu").to(device).eval()
     cfg = module.hparams["cfg"]
-    datamodule = instantiate(cfg["data"])
+    datamodule = instantiate_trusted(cfg["data"], f"{ckpt}: data")  # read from the file: project classes only
     return module, datamodule
 
 

@@ -627,13 +627,13 @@ def write_reports(s: Settings, runs: list[dict], cfg, dm, floor: dict, out_dir: 
 def report_only(workdir: Path, out_dir: Path) -> dict:
     """Rewrite table1.{json,md} and figures from a finished run's eval.json files (no training, no sampling);
     the command and wall time stay those of the run that produced them."""
-    from hydra.utils import instantiate
+    from workflow.config_guard import instantiate_trusted
 
     raw = json.loads((workdir / "settings.json").read_text())
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     previous = json.loads((out_dir / "table1.json").read_text())
     cfg = compose_train_config(s)
-    dm = instantiate(cfg.data)
+    dm = instantiate_trusted(cfg.data, f"{workdir / 'settings.json'}: data")  # overrides read from a file
     runs = []
     for path in sorted(workdir.glob("*/*/eval.json")):
         run_dir = path.parent

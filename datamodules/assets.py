@@ -2,7 +2,7 @@
 
 Run it on a machine with internet, copy the folder to the cluster, and point the configs at it (printed
 at the end), since compute nodes often cannot download.
-  python -m datamodules.assets [--out data/assets] [--vae ema mse] [--skip-inception]
+  python -m datamodules.assets [--out data/assets] [--vae ema mse] [--skip-inception] [--published dit_xl sit_xl]
 """
 
 from __future__ import annotations
@@ -65,15 +65,41 @@ def download_inception(out: Path) -> Path:
     return target
 
 
+# ---- published DiT-XL/2 and SiT-XL/2 weights (issue #14): the URLs of the official READMEs / download.py ----------
+PUBLISHED = {  # name -> (file name the published_* presets read from the assets folder, URL)
+    "dit_xl": ("DiT-XL-2-256x256.pt", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
+    "sit_xl": ("SiT-XL-2-256x256.pt", "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
+                                      "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"),
+}
+PUBLISHED_PRESETS = {"dit_xl": "published_dit_xl", "sit_xl": "published_sit_xl"}
+
+
+def download_published(name: str, out: Path) -> Path:
+    """One published weight file into out/ (torch.hub downloads to a temporary file and renames it)."""
+    import torch
+
+    filename, url = PUBLISHED[name]
+    target = out / filename
+    if target.is_file():
+        print(f"  {filename}: already in {target}")
+        return target
+    torch.hub.download_url_to_file(url, str(target), progress=True)
+    print(f"  {filename}: {target}")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/assets", help="folder to download into (default: data/assets)")
     parser.add_argument("--vae", nargs="*", default=["ema", "mse"], choices=sorted(VAES), help="which SD VAEs")
     parser.add_argument("--skip-inception", action="store_true", help="do not fetch the FID Inception weights")
+    parser.add_argument("--published", nargs="*", default=[], choices=sorted(PUBLISHED),
+                        help="published weights (about 2.7 GB each) for experiment=published_<name>")
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser().resolve()
     hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     needed = ([hub] if args.vae else []) + ([] if args.skip_inception else [inception_url()])
+    needed += [PUBLISHED[name][1] for name in args.published]
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     unreachable = [url for url in needed if offline or not _reachable(url)]
     if unreachable:
@@ -91,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"downloading into {out}")
     vae_dirs = {VAES[key]: download_vae(VAES[key], out) for key in args.vae}
     inception = None if args.skip_inception else download_inception(out)
+    published = {name: download_published(name, out) for name in args.published}
     print("\nPoint the configs at these files (Hydra overrides):")
     for repo_id, folder in vae_dirs.items():
         print(f"  data.vae={repo_id} data.vae_local_path={folder}")
     if inception is not None:
         print(f"  callbacks.fid.extractor.weights_path={inception}   (training FID callback)")
         print(f"  extractor.weights_path={inception}   (evaluate.py)")
+    for name, path in published.items():
+        print(f"  experiment={PUBLISHED_PRESETS[name]} model.init_from={path}   (sample.py, train.py)")
     return 0
 
 

@@ -94,16 +94,28 @@ class GenerativeModule(L.LightningModule):
     # ---- construction from a checkpoint -------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str, map_location: Any = "cpu") -> GenerativeModule:
-        """Rebuilds net + objective from the checkpoint's stored Hydra config and loads weights and EMA."""
-        from hydra.utils import instantiate
+        """Rebuilds net + objective from the checkpoint's stored Hydra config and loads weights and EMA.
+
+        The stored config is data the file's author chose: its model, objective and data sections must name only
+        the project's own classes (workflow.config_guard), checked before anything is built.
+        """
+        from backbones.checkpoint import build_network
+        from workflow.config_guard import check_trusted, instantiate_trusted
 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"hyper_parameters", "state_dict", "ema"} <= set(ckpt):
+            raise ValueError(f"{path} is not a GenerativeModule checkpoint (no hyper_parameters/state_dict/ema); "
+                             "published weights load with backbones.checkpoint.load_network")
         hp = ckpt["hyper_parameters"]
-        cfg = hp["cfg"]
-        if cfg is None:
-            raise ValueError(f"{path} carries no config (hyper_parameters['cfg'] is None)")
-        module = cls(instantiate(cfg["model"]), instantiate(cfg["objective"]), optim=hp["optim"], ema=hp["ema"],
-                     sample_shape=hp["sample_shape"], seed=hp["seed"], t_buckets=hp["t_buckets"],
+        cfg = hp.get("cfg")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(
+                cfg.get("objective"), dict):
+            raise ValueError(f"{path} carries no model/objective config (hyper_parameters['cfg'])")
+        for section in ("model", "objective", "data"):
+            check_trusted(cfg.get(section), f"{path}: {section}")
+        net = build_network(cfg["model"], load_init=False)  # the weights come from this file, not init_from
+        module = cls(net, instantiate_trusted(cfg["objective"], f"{path}: objective"), optim=hp["optim"],
+                     ema=hp["ema"], sample_shape=hp["sample_shape"], seed=hp["seed"], t_buckets=hp["t_buckets"],
                      t_bucket_every_n_steps=hp["t_bucket_every_n_steps"], cfg=cfg)
         module.load_state_dict(ckpt["state_dict"])
         module.ema.load_state_dict(ckpt["ema"])
