@@ -573,6 +573,8 @@ def _scan(cache_dir: Path, manifest: dict, arrays: dict[str, ArrayFile], progres
         keep = np.asarray([i not in failed for i in range(marker["start"], marker["stop"])])
         for name, data in blocks.items():
             block = np.frombuffer(data, DTYPE).reshape(-1, *arrays[name].shape[1:])[keep].astype(np.float32)
+            if not len(block):
+                continue
             finite = np.isfinite(block).reshape(len(block), -1).all(1)
             if not finite.all():
                 rows = np.flatnonzero(keep)[~finite] + marker["start"]

@@ -381,8 +381,10 @@ def launch_env() -> tuple[int, int, int]:
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
-        slurm = SLURMEnvironment(auto_requeue=False)
-        _ = slurm.main_address, slurm.main_port  # set MASTER_ADDR / MASTER_PORT unless given
+        if "MASTER_ADDR" not in env:  # the first node of the step, and a port from the job id (Lightning's rule)
+            env["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(env.get("SLURM_NODELIST", "127.0.0.1"))
+        if "MASTER_PORT" not in env:
+            env["MASTER_PORT"] = str(15000 + int(env["SLURM_JOB_ID"][-4:]) if "SLURM_JOB_ID" in env else 12910)
         return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0))
     if int(env.get("SLURM_NTASKS", 1)) > 1:
         print(f"latent cache: SLURM_NTASKS={env['SLURM_NTASKS']} but this process was not started by srun: encoding "
