@@ -130,8 +130,8 @@ def read_metadata(cache_dir: str | os.PathLike) -> dict:
             f"no complete latent cache in {str(cache_dir)!r} ({METADATA} missing). Build it with "
             f"`make latents ARGS=\"data.root=/path/to/imagenet data.cache_dir={cache_dir}\"` (see docs/DATA.md)."
         )
-    meta = _read_json(path, "latent cache metadata", f"delete it and rerun `make latents` with the same data.* "
-                      f"settings: the arrays and their per-shard checksums are kept, so only the metadata is rebuilt.")
+    meta = _read_json(path, "latent cache metadata", "delete it and rerun `make latents` with the same data.* "
+                      "settings: the arrays and their per-shard checksums are kept, so only the metadata is rebuilt.")
     if meta.get("version") != CACHE_VERSION:
         raise CacheMismatchError(
             f"latent cache {str(cache_dir)!r} has format version {meta.get('version')}, this code reads version "

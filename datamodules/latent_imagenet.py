@@ -36,7 +36,8 @@ from datamodules.latent_cache import (
     read_metadata,
     verify_cache,
 )
-from datamodules.vae import VAE, VAEUnavailableError, _resolve_dtype, check_preset, check_vae_available, vae_preset
+from datamodules.vae import VAE, VAEUnavailableError, _resolve_dtype, check_vae_available
+from datamodules.vae_presets import check_preset, vae_preset
 
 
 class LatentDataset(Dataset):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from latent_fixtures import (  # noqa: F401
+from latent_fixtures import (
     CORRUPT,
     CORRUPT_ROW,
     FILES,
@@ -21,10 +21,7 @@ from latent_fixtures import (  # noqa: F401
     RES,
     SPEC,
     copy_cache,
-    full_cache,
-    image_root,
     load_arrays,
-    tiny_vae,
     write_images,
 )
 from PIL import Image
@@ -35,7 +32,6 @@ from datamodules.latent_cache import (
     CacheCorruptError,
     CacheIncompleteError,
     CacheMismatchError,
-    CacheSpec,
     TooManyFailuresError,
     build_cache,
     is_complete,
@@ -50,6 +46,8 @@ from datamodules.latent_imagenet import (
     main,
 )
 from datamodules.vae import DTYPES, VAE, _resolve_dtype, build_tiny_autoencoder, weights_sha256
+
+pytest_plugins = ["latent_fixtures"]  # fixtures image_root, tiny_vae, full_cache
 
 TINY_CLI = ["data.vae.name=tiny-random", "data.vae.hub_id=tiny-org/tiny-random", "data.vae.downsample=2",
             f"data.resolution={RES}", "data.image_size=16", "data.shard_size=4", "data.encode_batch_size=3",

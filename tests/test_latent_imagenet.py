@@ -6,7 +6,7 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 import torch
-from latent_fixtures import CORRUPT, FILES, IMAGES, RES, SPEC, copy_cache, full_cache, image_root, load_arrays, tiny_vae  # noqa: F401
+from latent_fixtures import CORRUPT, FILES, IMAGES, RES, SPEC, copy_cache, load_arrays
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -25,6 +25,8 @@ from datamodules.latent_cache import (
 )
 from datamodules.latent_imagenet import LatentDataset, LatentImageNetDataModule, collate_latents, main
 from datamodules.vae import VAE, VAEUnavailableError, build_tiny_autoencoder
+
+pytest_plugins = ["latent_fixtures"]  # fixtures image_root, tiny_vae, full_cache
 
 # CLI overrides for the tiny VAE saved in a local folder (downsample 2: 32 px -> 16 x 16 latents)
 TINY_CLI = ["data.vae.name=tiny-random", "data.vae.hub_id=tiny-org/tiny-random", "data.vae.downsample=2",

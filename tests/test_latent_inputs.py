@@ -1,7 +1,6 @@
 """Inputs besides an ImageFolder (HF parquet/arrow shards, ImageNet's flat val folder), the mean-only layout,
 and 16-channel VAE latents from the cache through DiT (in_channels follows the VAE preset)."""
 
-import io
 import json
 import os
 
@@ -12,14 +11,17 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from latent_fixtures import CORRUPT, FILES, IMAGES, RES, SPEC, full_cache, image_root, load_arrays, tiny_vae  # noqa: F401
+from latent_fixtures import CORRUPT, FILES, RES, SPEC, load_arrays
 from PIL import Image
 
 from datamodules.adm_crop import load_image
 from datamodules.image_sources import FlatFolderSource, HFShardsSource
 from datamodules.latent_cache import CacheMismatchError, CacheSpec, build_cache
 from datamodules.latent_imagenet import LatentDataset, LatentImageNetDataModule
-from datamodules.vae import VAE, build_tiny_autoencoder, vae_preset
+from datamodules.vae import VAE, build_tiny_autoencoder
+from datamodules.vae_presets import vae_preset
+
+pytest_plugins = ["latent_fixtures"]  # fixtures image_root, tiny_vae, full_cache
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 HF_META = {b"huggingface": json.dumps({"info": {"features": {

@@ -11,10 +11,9 @@ from datamodules.vae import (
     VAEUnavailableError,
     build_tiny_autoencoder,
     load_autoencoder,
-    vae_preset,
-    vae_presets,
     weights_sha256,
 )
+from datamodules.vae_presets import vae_preset, vae_presets
 
 
 @pytest.fixture(scope="module")
