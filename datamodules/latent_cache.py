@@ -572,22 +572,21 @@ def _scan(cache_dir: Path, manifest: dict, arrays: dict[str, ArrayFile], progres
         scan.vae_weights = scan.vae_weights or marker["vae_weights"]
         keep = np.asarray([i not in failed for i in range(marker["start"], marker["stop"])])
         for name, data in blocks.items():
-            block = np.frombuffer(data, DTYPE).reshape(-1, *arrays[name].shape[1:])[keep].astype(np.float32)
-            if not len(block):
-                continue
-            finite = np.isfinite(block).reshape(len(block), -1).all(1)
-            if not finite.all():
-                rows = np.flatnonzero(keep)[~finite] + marker["start"]
+            c, hw = arrays[name].shape[2], int(np.prod(arrays[name].shape[3:]))
+            block = np.frombuffer(data, DTYPE).reshape(-1, 2, c, hw)[keep]  # [rows, flips, C, h*w]
+            x = block.astype(np.float32).reshape(-1, c, block.shape[-1])  # [rows * 2 flips, C, h*w]
+            total, squares = x.sum((0, 2), dtype=np.float64), np.einsum("ncx,ncx->c", x, x).astype(np.float64)
+            if not (np.isfinite(total).all() and np.isfinite(squares).all()):  # a sum is finite iff every term is
+                rows = np.flatnonzero(keep)[~np.isfinite(x.reshape(len(block), -1)).all(1)] + marker["start"]
                 scan.nonfinite += rows.tolist()
                 scan.bad.append(f"shard {shard}: rows {rows[:5].tolist()} of {name}.npy are not finite")
                 continue
-            axes = (0, 1, 3, 4)  # all but the channel
             if name == "mean":
-                scan.sums["z"] = scan.sums.get("z", 0) + block.sum(axes, dtype=np.float64)
-                scan.sums["z2"] = scan.sums.get("z2", 0) + np.square(block, dtype=np.float64).sum(axes)
-                scan.count += block.shape[0] * block.shape[1] * block.shape[3] * block.shape[4]
+                scan.sums["z"] = scan.sums.get("z", 0) + total
+                scan.sums["z2"] = scan.sums.get("z2", 0) + squares
+                scan.count += x.shape[0] * x.shape[2]
             else:
-                scan.sums["var"] = scan.sums.get("var", 0) + np.square(block, dtype=np.float64).sum(axes)
+                scan.sums["var"] = scan.sums.get("var", 0) + squares
     return scan
 
 

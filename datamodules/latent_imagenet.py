@@ -274,21 +274,26 @@ class LatentImageNetDataModule(L.LightningDataModule):
             on_shard_written=on_shard_written,
         )
 
+    def missing_cache_error(self) -> CacheIncompleteError:
+        """What to run when the cache is missing (training never builds it)."""
+        return CacheIncompleteError(
+            f"no complete latent cache at data.cache_dir={self.cache_dir!r} (metadata.json missing); training never "
+            f"encodes. Build it first: {self.encode_command()} (for all GPUs of a node add LAUNCH=\".venv/bin/torchrun "
+            f"--standalone --nproc_per_node=8 --no-python\"; under SLURM LAUNCH=srun). docs/DATA.md has the details."
+        )
+
     def prepare_data(self) -> None:
         """Training never encodes: with the cache missing, fail at once (8 GPUs waiting on one encoder would
         hit the NCCL timeout long before ImageNet is done) and say how to build it."""
         if not is_complete(self.cache_dir):
-            raise CacheIncompleteError(
-                f"no complete latent cache at data.cache_dir={self.cache_dir!r} (metadata.json missing); training "
-                f"never encodes. Build it first: {self.encode_command()} (add LAUNCH=\"torchrun --standalone "
-                f"--nproc_per_node=8 --no-python\" for all GPUs of a node; under SLURM: srun .venv/bin/python -m "
-                f"datamodules.latent_imagenet encode ...). docs/DATA.md has the details."
-            )
+            raise self.missing_cache_error()
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache and check it against the config (VAE, scale, shift, crop, layout, split/root, shapes)."""
         if self.train_set is not None:
             return
+        if not is_complete(self.cache_dir):  # every rank, also those that skip prepare_data
+            raise self.missing_cache_error()
         meta = read_metadata(self.cache_dir)
         where = repr(str(self.cache_dir))
         source = self.image_source().identity() if self.root else {"split": self.split}  # root: optional here
