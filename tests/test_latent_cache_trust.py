@@ -221,6 +221,13 @@ def test_metadata_records_hub_revision_or_local_path_and_the_weights_hash(image_
     assert weights_sha256(build_tiny_autoencoder(levels=2, seed=4)) != weights_sha256(model)
 
 
+def test_decoding_with_other_weights_than_the_encoders_fails(full_cache):
+    other = VAE(build_tiny_autoencoder(levels=2, seed=9), device="cpu", name="tiny-random")
+    dm = LatentImageNetDataModule(cache_dir=str(full_cache), vae=other, resolution=RES, image_size=16, num_workers=0)
+    with pytest.raises(CacheMismatchError, match="is not the one that encoded"):
+        dm.decode(torch.zeros(1, 4, 16, 16))
+
+
 # ---- 5. fp32 encode by default
 
 
