@@ -16,6 +16,7 @@ truncated or damaged shard is re-encoded by the next run. Training reads (z - sh
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -98,12 +99,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_write_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, array)
+    _atomic_write_bytes(path, buf.getvalue())
 
 
 def is_complete(cache_dir: str | os.PathLike) -> bool:
