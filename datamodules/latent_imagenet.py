@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "verify":
+            if not is_complete(dm.cache_dir):
+                raise dm.missing_cache_error()
             problems = verify_cache(dm.cache_dir, dm.progress)
             for problem in problems:
                 print(f"latent cache: {problem}", file=sys.stderr)
