@@ -46,8 +46,12 @@ eval: install
 sample: install
 	$(PYTHON) sample.py $(if $(CKPT),"ckpt='$(CKPT)'") $(ARGS)
 
+# The latent cache, built once before training (docs/DATA.md). LAUNCH runs it on several GPUs:
+#   make latents LAUNCH="$(BIN)/torchrun --standalone --nproc_per_node=8 --no-python" ARGS="data.root=..."
+#   make latents LAUNCH=srun ARGS="data.root=..."   (inside an sbatch allocation: one task per GPU)
+# ARGS may start with --verify (re-check every shard, re-encode damaged ones) or --retry-failed.
 latents: install
-	$(PYTHON) -m datamodules.latent_imagenet encode $(ARGS)
+	$(LAUNCH) $(PYTHON) -m datamodules.latent_imagenet encode $(ARGS)
 
 assets: install
 	$(PYTHON) -m datamodules.assets $(ARGS)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import machine_info, write_json  # noqa: E402
 from datamodules.adm_crop import preprocess  # noqa: E402
+from datamodules.image_sources import ImageFolderSource  # noqa: E402
 from datamodules.latent_cache import CacheSpec, encode_shards, finalize_cache  # noqa: E402
 from datamodules.latent_imagenet import LatentImageNetDataModule  # noqa: E402
 from datamodules.vae import VAE, build_tiny_autoencoder  # noqa: E402
@@ -61,16 +62,17 @@ def bench_encode(work: Path, args) -> tuple[dict, Path, VAE]:
         vae = VAE(build_tiny_autoencoder(levels=TINY_LEVELS), device=device, name="tiny-random")
         label = (f"tiny random AutoencoderKL (levels={TINY_LEVELS}, widths 8-16, {sum(p.numel() for p in vae.model.parameters())}"
                  f" params), NOT the SD VAE: measures decode/crop/shard/write, not SD-VAE compute (needs a GPU)")
-    spec = CacheSpec(vae=vae.name, scale_factor=0.18215, resolution=args.resolution, shard_size=args.shard_size)
+    spec = CacheSpec(vae=vae.name, scale_factor=vae.scale_factor, shift_factor=vae.shift_factor,
+                     resolution=args.resolution, shard_size=args.shard_size, encode_dtype=vae.dtype_name)
     cache = work / "cache"
     warm = torch.zeros(2 * args.encode_batch_size, 3, args.resolution, args.resolution)  # both flips of a batch
     vae.encode_moments(warm.to(vae.device))  # first call builds kernels (oneDNN/cuDNN): keep it out of the timing
     start = time.perf_counter()
-    encode_shards(image_dir, cache, spec, vae, batch_size=args.encode_batch_size,
+    encode_shards(ImageFolderSource(work, "train"), cache, spec, vae, batch_size=args.encode_batch_size,
                   num_workers=args.encode_workers, progress=False)
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
-    finalize_cache(cache)
+    finalize_cache(cache, progress=False)  # verifies every shard's checksum and computes the channel stats
     finalize_s = time.perf_counter() - start
     files = sorted(image_dir.rglob("*.JPEG"))
     cpu = time.process_time()
@@ -81,7 +83,7 @@ def bench_encode(work: Path, args) -> tuple[dict, Path, VAE]:
         "vae": label, "vae_is_sd_vae": bool(args.vae), "device": device, "dtype": str(vae.dtype),
         "resolution": args.resolution, "source_image_size": [500, 375], "images": args.encode_images,
         "batch_size": args.encode_batch_size, "num_workers": args.encode_workers, "shard_size": args.shard_size,
-        "encode_seconds": encode_s, "finalize_seconds": finalize_s,
+        "encode_seconds": encode_s, "finalize_seconds": finalize_s, "finalize": "sha256 of every shard + channel stats",
         "images_per_s": args.encode_images / encode_s, "latents_per_s": 2 * args.encode_images / encode_s,
         "preprocess_images_per_cpu_s": preprocess_rate, "load_average_1min": os.getloadavg()[0],
     }
@@ -89,7 +91,8 @@ def bench_encode(work: Path, args) -> tuple[dict, Path, VAE]:
 
 
 def tile_cache(src: Path, dst: Path, count: int) -> None:
-    """A cache of `count` entries in the same format, by repeating the encoded latents (read speed only)."""
+    """A cache of `count` entries in the same format, by repeating the encoded latents (read speed only; it has
+    no shard checksums, so `verify` would refuse it)."""
     dst.mkdir(parents=True, exist_ok=True)
     meta = json.loads((src / "metadata.json").read_text())
     rows = np.arange(count) % meta["count"]
@@ -101,7 +104,7 @@ def tile_cache(src: Path, dst: Path, count: int) -> None:
         out.flush()
         del out
     np.save(dst / "labels.npy", np.load(src / "labels.npy")[rows])
-    (dst / "metadata.json").write_text(json.dumps({**meta, "count": count}))
+    (dst / "metadata.json").write_text(json.dumps({**meta, "count": count, "num_files": count, "num_failed": 0}))
 
 
 def bench_read(cache: Path, vae: VAE, args, num_workers: int, sample_posterior: bool) -> dict:
@@ -109,7 +112,7 @@ def bench_read(cache: Path, vae: VAE, args, num_workers: int, sample_posterior: 
     meta = json.loads((cache / "metadata.json").read_text())
     dm = LatentImageNetDataModule(
         cache_dir=str(cache), vae=vae, resolution=meta["resolution"], image_size=meta["latent_shape"][-1],
-        scale_factor=meta["scale_factor"], batch_size=args.batch_size, num_workers=num_workers, pin_memory=False,
+        batch_size=args.batch_size, num_workers=num_workers, pin_memory=False,
         sample_posterior=sample_posterior, random_flip=True, progress=False)
     dm.setup("fit")
     loader = dm.train_dataloader()

@@ -51,7 +51,12 @@ def to_tensor_pm1(image: Image.Image) -> torch.Tensor:
 
 def preprocess(path: str | os.PathLike, size: int) -> torch.Tensor:
     """File -> ADM-cropped [3,size,size] tensor in [-1, 1]."""
-    return to_tensor_pm1(adm_center_crop(load_image(path), size))
+    return preprocess_image(load_image(path), size)
+
+
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB image -> ADM-cropped [3,size,size] tensor in [-1, 1]."""
+    return to_tensor_pm1(adm_center_crop(image, size))
 
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:

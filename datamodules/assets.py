@@ -1,8 +1,11 @@
-"""`make assets`: fetch the SD VAEs and torch-fidelity's Inception weights into one folder (needs internet).
+"""`make assets`: fetch the VAE presets' weights and torch-fidelity's Inception weights into one folder (needs internet).
 
 Run it on a machine with internet, copy the folder to the cluster, and point the configs at it (printed
 at the end), since compute nodes often cannot download.
-  python -m datamodules.assets [--out data/assets] [--vae ema mse] [--skip-inception] [--published dit_xl sit_xl]
+  python -m datamodules.assets [--out data/assets] [--vae sd-vae-ft-ema sd-vae-ft-mse sdxl sd3 flux] [--skip-inception]
+                                [--published dit_xl sit_xl]
+The VAE table is conf/data/vae/*.yaml (hub id + subfolder per preset); sd3 and flux are gated on the hub:
+accept their licences there and `huggingface-cli login` first.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+from datamodules.vae_presets import vae_preset, vae_presets
+
+# ---- VAEs: one row per preset of conf/data/vae (its hub id and subfolder), the files a VAE folder needs
 VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+DEFAULT_VAES = ["sd-vae-ft-ema", "sd-vae-ft-mse"]
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
@@ -35,19 +41,22 @@ def inception_url() -> str:
     return URL_INCEPTION_V3
 
 
-def download_vae(repo_id: str, out: Path) -> Path:
-    """config.json + safetensors weights of one VAE into out/<name> (kept when already complete)."""
+def download_vae(name: str, out: Path) -> Path:
+    """config.json + safetensors weights of one VAE preset into out/<name>[/<subfolder>] (kept when complete)."""
     from huggingface_hub import snapshot_download
 
-    target = out / repo_id.split("/")[-1]
-    if all((target / name).is_file() for name in VAE_FILES):
-        print(f"  {repo_id}: already in {target}")
+    preset = vae_preset(name)
+    target = out / name
+    files = [f"{preset['subfolder']}/{f}" if preset["subfolder"] else f for f in VAE_FILES]
+    if all((target / f).is_file() for f in files):
+        print(f"  {name} ({preset['hub_id']}): already in {target}")
         return target
-    snapshot_download(repo_id=repo_id, local_dir=target, allow_patterns=VAE_FILES)
-    missing = [name for name in VAE_FILES if not (target / name).is_file()]
+    snapshot_download(repo_id=preset["hub_id"], local_dir=target, allow_patterns=files,
+                      revision=preset["revision"])
+    missing = [f for f in files if not (target / f).is_file()]
     if missing:
-        raise RuntimeError(f"{repo_id}: download finished without {missing} in {target}")
-    print(f"  {repo_id}: {target}")
+        raise RuntimeError(f"{preset['hub_id']}: download finished without {missing} in {target}")
+    print(f"  {name} ({preset['hub_id']}): {target}")
     return target
 
 
@@ -91,7 +100,8 @@ def download_published(name: str, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/assets", help="folder to download into (default: data/assets)")
-    parser.add_argument("--vae", nargs="*", default=["ema", "mse"], choices=sorted(VAES), help="which SD VAEs")
+    parser.add_argument("--vae", nargs="*", default=DEFAULT_VAES, choices=vae_presets(),
+                        help="which VAE presets (conf/data/vae)")
     parser.add_argument("--skip-inception", action="store_true", help="do not fetch the FID Inception weights")
     parser.add_argument("--published", nargs="*", default=[], choices=sorted(PUBLISHED),
                         help="published weights (about 2.7 GB each) for experiment=published_<name>")
@@ -108,19 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             f"make assets needs internet, but {hosts} cannot be reached from here"
             f"{' (HF_HUB_OFFLINE is set)' if offline else ''}. Nothing was downloaded.\n"
             f"Run `make assets` (python -m datamodules.assets --out DIR) on a machine with internet, copy DIR to "
-            f"this machine, then set data.vae_local_path=DIR/sd-vae-ft-ema and "
+            f"this machine, then set data.vae_local_path=DIR/sd-vae-ft-ema (DIR/<preset> with data/vae=<preset>) and "
             f"callbacks.fid.extractor.weights_path=DIR/{inception_url().rsplit('/', 1)[-1]}.",
             file=sys.stderr,
         )
         return 1
     out.mkdir(parents=True, exist_ok=True)
     print(f"downloading into {out}")
-    vae_dirs = {VAES[key]: download_vae(VAES[key], out) for key in args.vae}
+    vae_dirs = {name: download_vae(name, out) for name in args.vae}
     inception = None if args.skip_inception else download_inception(out)
     published = {name: download_published(name, out) for name in args.published}
     print("\nPoint the configs at these files (Hydra overrides):")
-    for repo_id, folder in vae_dirs.items():
-        print(f"  data.vae={repo_id} data.vae_local_path={folder}")
+    for name, folder in vae_dirs.items():
+        print(f"  data/vae={name} data.vae_local_path={folder}")
     if inception is not None:
         print(f"  callbacks.fid.extractor.weights_path={inception}   (training FID callback)")
         print(f"  extractor.weights_path={inception}   (evaluate.py)")

@@ -2,15 +2,16 @@
 
 import json
 import multiprocessing as mp
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from latent_fixtures import CORRUPT, FILES, IMAGES, RES, SPEC, copy_cache, load_arrays
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.adm_crop import adm_center_crop, adm_resize_plan, list_image_folder, preprocess
+from datamodules.image_sources import ImageFolderSource
 from datamodules.latent_cache import (
     SHARD_DIR,
     CacheIncompleteError,
@@ -25,46 +26,16 @@ from datamodules.latent_cache import (
 from datamodules.latent_imagenet import LatentDataset, LatentImageNetDataModule, collate_latents, main
 from datamodules.vae import VAE, VAEUnavailableError, build_tiny_autoencoder
 
-RES = 32  # crop size for the tiny VAE (latents 4 x 16 x 16)
-SPEC = CacheSpec(vae="tiny-random", scale_factor=0.18215, resolution=RES, shard_size=4)
-# (class, file name, (width, height), mode): odd sizes, a grayscale JPEG, a PNG, an upper-case extension.
-IMAGES = [
-    ("n01", "a.JPEG", (300, 130), "RGB"), ("n01", "b.jpg", (50, 40), "RGB"), ("n01", "c.png", (20, 25), "RGB"),
-    ("n01", "d.JPEG", (64, 64), "L"), ("n02", "e.JPEG", (45, 77), "RGB"), ("n02", "f.jpeg", (129, 257), "RGB"),
-    ("n02", "g.JPEG", (33, 33), "RGB"), ("n03", "h.JPEG", (100, 31), "RGB"), ("n03", "i.JPEG", (70, 90), "RGB"),
-    ("n03", "j.JPEG", (256, 192), "RGB"),
-]
-CORRUPT = "n02/bad.JPEG"
+pytest_plugins = ["latent_fixtures"]  # fixtures image_root, tiny_vae, full_cache
+
+# CLI overrides for the tiny VAE saved in a local folder (downsample 2: 32 px -> 16 x 16 latents)
+TINY_CLI = ["data.vae.name=tiny-random", "data.vae.hub_id=tiny-org/tiny-random", "data.vae.downsample=2",
+            f"data.resolution={RES}", "data.image_size=16", "data.shard_size=4", "data.encode_batch_size=3",
+            "data.encode_num_workers=0", "data.progress=false", "data.max_failed_fraction=0.2"]
 
 
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for wnid, name, (w, h), mode in IMAGES:
-        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
-        arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-        Image.fromarray(arr).convert(mode).save(root / "train" / wnid / name)
-    (root / "train" / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" + bytes(200))
-    (root / "train" / "n03" / "notes.txt").write_text("not an image")
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_vae():
-    return VAE(build_tiny_autoencoder(levels=2), device="cpu", name="tiny-random")
-
-
-@pytest.fixture(scope="module")
-def full_cache(image_root, tiny_vae, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache_full")
-    build_cache(image_root / "train", cache, SPEC, tiny_vae, batch_size=3, num_workers=0, progress=False,
-                keep_shards=True)
-    return cache
-
-
-def _load(cache):
-    return {name: np.load(cache / f"{name}.npy") for name in ("mean", "std", "labels")}
+def train_source(root):
+    return ImageFolderSource(root, "train")
 
 
 @pytest.mark.parametrize("size, expected", [
@@ -109,18 +80,21 @@ def test_cache_equals_direct_encoding_and_reports_the_corrupt_file(image_root, t
     meta = json.loads((full_cache / "metadata.json").read_text())
     assert meta["vae"] == "tiny-random" and meta["resolution"] == RES and meta["scale_factor"] == 0.18215
     assert meta["count"] == len(IMAGES) and meta["num_failed"] == 1 and meta["latent_shape"] == [2, 4, 16, 16]
+    assert meta["num_files"] == len(FILES) and meta["source"]["split"] == "train" and meta["layout"] == "mean_std"
     report = json.loads((full_cache / "report.json").read_text())
     assert report["num_failed"] == 1 and report["failed"][0]["path"] == CORRUPT and report["failed"][0]["error"]
-    files = (full_cache / "files.txt").read_text().splitlines()
-    assert files == sorted(f"{w}/{n}" for w, n, _, _ in IMAGES)
-    arrays = _load(full_cache)
-    assert arrays["mean"].dtype == np.float16 and arrays["mean"].shape == (len(IMAGES), 2, 4, 16, 16)
-    assert arrays["labels"].tolist() == [int(f[2]) - 1 for f in files]
-    images = torch.stack([preprocess(image_root / "train" / f, RES) for f in files])
+    rows = [line.split("\t") for line in (full_cache / "files.tsv").read_text().splitlines()]
+    assert [key for _, key in rows] == FILES
+    arrays = load_arrays(full_cache)
+    assert arrays["mean"].dtype == np.float16 and arrays["mean"].shape == (len(FILES), 2, 4, 16, 16)
+    ok = [i for i, f in enumerate(FILES) if f != CORRUPT]
+    assert arrays["labels"].tolist() == [-1 if f == CORRUPT else int(f[2]) - 1 for f in FILES]
+    assert not arrays["mean"][FILES.index(CORRUPT)].any()  # the failed row is zeros and left out by the loader
+    images = torch.stack([preprocess(image_root / "train" / FILES[i], RES) for i in ok])
     for flip, batch in enumerate([images, images.flip(-1)]):
         mean, std = tiny_vae.encode_moments(batch)
-        np.testing.assert_allclose(arrays["mean"][:, flip], mean.numpy(), rtol=2e-3, atol=2e-3)
-        np.testing.assert_allclose(arrays["std"][:, flip], std.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(arrays["mean"][ok, flip], mean.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(arrays["std"][ok, flip], std.numpy(), rtol=2e-3, atol=2e-3)
     assert not np.array_equal(arrays["mean"][:, 0], arrays["mean"][:, 1])  # the flips really differ
 
 
@@ -131,31 +105,31 @@ def test_killed_and_resumed_encode_equals_uninterrupted(image_root, tiny_vae, fu
         raise KeyboardInterrupt(f"simulated kill after shard {shard}")
 
     with pytest.raises(KeyboardInterrupt):
-        build_cache(image_root / "train", cache, SPEC, tiny_vae, batch_size=3, num_workers=0, progress=False,
+        build_cache(train_source(image_root), cache, SPEC, tiny_vae, batch_size=3, num_workers=0, progress=False,
                     on_shard_written=die_after_first)
     assert not is_complete(cache) and shard_path(cache, 0).is_file() and not shard_path(cache, 1).is_file()
     with pytest.raises(CacheIncompleteError, match="2 of 3 shards"):
         finalize_cache(cache)
     stale = shard_path(cache, 1).with_name(shard_path(cache, 1).name + ".tmp-999")
-    stale.write_bytes(b"half a shard")  # what a kill during the write leaves behind
-    stale_merge = cache / "mean.npy.tmp-999"
-    stale_merge.write_bytes(b"half a merge")  # what a kill during finalize leaves behind
+    stale.write_bytes(b"half a marker")  # what a kill during the write leaves behind
+    stale_array = cache / "mean.npy.tmp-999"
+    stale_array.write_bytes(b"half an array")  # what a kill while creating the arrays leaves behind
     resumed = []
-    build_cache(image_root / "train", cache, SPEC, tiny_vae, batch_size=3, num_workers=1, progress=False,
-                on_shard_written=resumed.append)
-    assert resumed == [1, 2] and not stale.exists() and not stale_merge.exists() and not (cache / SHARD_DIR).exists()
-    for name, arr in _load(cache).items():
-        assert np.array_equal(arr, _load(full_cache)[name]), name
-    assert (cache / "files.txt").read_text() == (full_cache / "files.txt").read_text()
+    build_cache(train_source(image_root), cache, SPEC, tiny_vae, batch_size=3, num_workers=1, progress=False,
+                on_shard_written=resumed.append, max_failed_fraction=0.2)
+    assert resumed == [1, 2] and not stale.exists() and not stale_array.exists()
+    for name, arr in load_arrays(cache).items():
+        assert np.array_equal(arr, load_arrays(full_cache)[name]), name
+    assert (cache / "files.tsv").read_text() == (full_cache / "files.tsv").read_text()
 
 
-def _encode_rank(rank, image_dir, cache, init_file, log_dir):
+def _encode_rank(rank, image_root, cache, init_file, log_dir):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     vae = VAE(build_tiny_autoencoder(levels=2), device="cpu", name="tiny-random")
     written = []
-    build_cache(image_dir, cache, SPEC, vae, batch_size=3, num_workers=0, progress=False, rank=rank, world_size=2,
-                on_shard_written=written.append)
+    build_cache(train_source(image_root), cache, SPEC, vae, batch_size=3, num_workers=0, progress=False, rank=rank,
+                world_size=2, on_shard_written=written.append, max_failed_fraction=0.2)
     (log_dir / f"rank{rank}.json").write_text(json.dumps(written))
     torch.distributed.destroy_process_group()
 
@@ -163,7 +137,7 @@ def _encode_rank(rank, image_dir, cache, init_file, log_dir):
 def test_two_process_encode_covers_every_image_once(image_root, full_cache, tmp_path):
     cache = tmp_path / "cache"
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_encode_rank, args=(r, image_root / "train", cache, tmp_path / "pg", tmp_path))
+    procs = [ctx.Process(target=_encode_rank, args=(r, image_root, cache, tmp_path / "pg", tmp_path))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -176,40 +150,48 @@ def test_two_process_encode_covers_every_image_once(image_root, full_cache, tmp_
     assert [p.exitcode for p in procs] == [0, 0]
     by_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert by_rank == [[0, 2], [1]]  # rank r takes shards r::world
-    files = (cache / "files.txt").read_text().splitlines()
-    assert len(files) == len(set(files)) == len(IMAGES)
-    assert files == (full_cache / "files.txt").read_text().splitlines()
-    ref = _load(full_cache)
-    assert np.array_equal(_load(cache)["labels"], ref["labels"])
+    assert (cache / "files.tsv").read_text() == (full_cache / "files.tsv").read_text()
+    ref = load_arrays(full_cache)
+    assert np.array_equal(load_arrays(cache)["labels"], ref["labels"])
     for name in ("mean", "std"):  # single-threaded children: equal up to one float16 rounding step
-        np.testing.assert_allclose(_load(cache)[name].astype(np.float32), ref[name].astype(np.float32),
+        np.testing.assert_allclose(load_arrays(cache)[name].astype(np.float32), ref[name].astype(np.float32),
                                    rtol=2e-3, atol=1e-4, err_msg=name)
 
 
-def test_metadata_mismatch_fails_naming_both_values(image_root, full_cache):
-    for key, value, shown in [("vae", "stabilityai/sd-vae-ft-mse", "'tiny-random'"), ("resolution", 64, "32"),
-                              ("scale_factor", 0.13025, "0.18215")]:
-        kwargs = {"vae": "tiny-random", "resolution": RES, "scale_factor": 0.18215, "image_size": 16, key: value}
+def test_metadata_mismatch_fails_naming_both_values(image_root, full_cache, tiny_vae):
+    for key, value, shown in [("vae", "sd-vae-ft-mse", "'tiny-random'"), ("resolution", 64, "32"),
+                              ("scale", 0.13025, "0.18215"), ("shift", 0.0609, "0.0")]:
+        preset = {"name": "tiny-random", "hub_id": "tiny-org/tiny", "subfolder": None, "revision": None,
+                  "scale": 0.18215, "shift": 0.0, "channels": 4, "downsample": 2}
+        kwargs = {"resolution": RES, "image_size": 16}
         if key == "vae":
-            kwargs["image_size"] = RES // 8  # the SD VAE's downsampling, checked at construction
-        dm = LatentImageNetDataModule(cache_dir=str(full_cache), num_workers=0, **kwargs)
+            preset["name"] = value
+        elif key == "resolution":
+            kwargs.update(resolution=64, image_size=32)
+        else:
+            preset[key] = value
+        dm = LatentImageNetDataModule(cache_dir=str(full_cache), num_workers=0, vae=preset, **kwargs)
         with pytest.raises(CacheMismatchError) as err:
             dm.setup()
-        assert f"{key}: cache has {shown}" in str(err.value) and str(value) in str(err.value)
+        cache_key = {"scale": "scale_factor", "shift": "shift_factor"}.get(key, key)
+        assert f"{cache_key}: cache has {shown}" in str(err.value) and str(value) in str(err.value)
 
 
 def test_resuming_with_other_settings_refuses_to_mix_shards(image_root, tiny_vae, tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
-        encode_shards(image_root / "train", cache, SPEC, tiny_vae, num_workers=0, progress=False,
+        encode_shards(train_source(image_root), cache, SPEC, tiny_vae, num_workers=0, progress=False,
                       on_shard_written=lambda s: (_ for _ in ()).throw(KeyboardInterrupt()))
     other = CacheSpec(vae="tiny-random", scale_factor=0.18215, resolution=64, shard_size=4)
     with pytest.raises(CacheMismatchError, match="resolution: cache has 32"):
-        encode_shards(image_root / "train", cache, other, tiny_vae, num_workers=0, progress=False)
+        encode_shards(train_source(image_root), cache, other, tiny_vae, num_workers=0, progress=False)
+    other_weights = VAE(build_tiny_autoencoder(levels=2, seed=1), device="cpu", name="tiny-random")
+    with pytest.raises(CacheMismatchError, match="other VAE weights"):
+        encode_shards(train_source(image_root), cache, SPEC, other_weights, num_workers=0, progress=False)
 
 
 def _datamodule(cache, vae, **kw):
-    args = dict(cache_dir=str(cache), vae=vae, resolution=RES, image_size=16, channels=4, num_classes=1000,
+    args = dict(cache_dir=str(cache), vae=vae, resolution=RES, image_size=16, num_classes=1000,
                 batch_size=4, num_workers=0, progress=False)
     args.update(kw)
     return LatentImageNetDataModule(**args)
@@ -221,31 +203,36 @@ def test_datamodule_batches_follow_the_contract(full_cache, tiny_vae):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 4, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long and y.shape == (4,)
     assert (dm.num_classes, dm.channels, dm.image_size) == (1000, 4, 16)
+    assert (y >= 0).all()  # the unreadable image's row is never served
     images = dm.decode(x)
     assert images.shape == (4, 3, RES, RES) and images.min() >= -1 and images.max() <= 1
     assert dm.val_dataloader() == []
 
 
 def test_items_are_scaled_means_or_posterior_samples_with_random_flips(full_cache):
-    arrays = _load(full_cache)
+    arrays = load_arrays(full_cache)
+    valid = np.flatnonzero(arrays["labels"] >= 0)  # item i is row valid[i]
     plain = LatentDataset(full_cache, 0.18215, sample_posterior=False, random_flip=False)
-    x, y = plain.__getitems__([3, 1])
-    np.testing.assert_allclose(x.numpy(), arrays["mean"][[3, 1], 0].astype(np.float32) * 0.18215, rtol=1e-6)
-    assert y.tolist() == arrays["labels"][[3, 1]].tolist()
+    assert len(plain) == len(IMAGES)
+    x, y = plain.__getitems__([3, 1, 9])
+    np.testing.assert_allclose(x.numpy(), arrays["mean"][valid[[3, 1, 9]], 0].astype(np.float32) * 0.18215, rtol=1e-6)
+    assert y.tolist() == arrays["labels"][valid[[3, 1, 9]]].tolist()
     flipped = LatentDataset(full_cache, 0.18215, sample_posterior=False, random_flip=True)
     torch.manual_seed(0)
     xs, _ = flipped.__getitems__([2] * 400)
-    is_flip = torch.isclose(xs, torch.from_numpy(arrays["mean"][2, 1]).float() * 0.18215).flatten(1).all(1)
-    is_orig = torch.isclose(xs, torch.from_numpy(arrays["mean"][2, 0]).float() * 0.18215).flatten(1).all(1)
+    is_flip = torch.isclose(xs, torch.from_numpy(arrays["mean"][valid[2], 1]).float() * 0.18215).flatten(1).all(1)
+    is_orig = torch.isclose(xs, torch.from_numpy(arrays["mean"][valid[2], 0]).float() * 0.18215).flatten(1).all(1)
     assert (is_flip ^ is_orig).all() and 150 < int(is_flip.sum()) < 250
     sampled = LatentDataset(full_cache, 0.18215, sample_posterior=True, random_flip=False)
     xs, _ = sampled.__getitems__([5] * 2000)
-    mean = torch.from_numpy(arrays["mean"][5, 0]).float() * 0.18215
-    std = torch.from_numpy(arrays["std"][5, 0]).float() * 0.18215
+    mean = torch.from_numpy(arrays["mean"][valid[5], 0]).float() * 0.18215
+    std = torch.from_numpy(arrays["std"][valid[5], 0]).float() * 0.18215
     z = (xs.mean(0) - mean) / (std / 2000**0.5)
     assert z.abs().mean() < 1.0 and ((xs.std(0) / std) - 1).abs().mean() < 0.05
     single_x, single_y = sampled[5]
     assert single_x.shape == (4, 16, 16) and single_y.dtype == torch.long
+    with pytest.raises(IndexError):
+        plain.__getitems__([len(IMAGES)])
 
 
 def test_dataset_works_under_a_distributed_sampler(full_cache):
@@ -255,7 +242,7 @@ def test_dataset_works_under_a_distributed_sampler(full_cache):
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=False)
         loader = DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=collate_latents, num_workers=1)
         for x, y in loader:
-            assert x.shape[1:] == (4, 16, 16) and len(y) == len(x)
+            assert x.shape[1:] == (4, 16, 16) and len(y) == len(x) and (y >= 0).all()
         seen.append(list(sampler))
     assert sorted(seen[0] + seen[1]) == list(range(len(ds)))
 
@@ -268,53 +255,45 @@ def test_val_size_holds_out_a_fixed_subset(full_cache, tiny_vae):
     assert sum(len(y) for _, y in dm.val_dataloader()) == 3
 
 
-def test_prepare_data_builds_a_missing_cache_and_needs_root(image_root, tiny_vae, full_cache, tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.root"):
-        _datamodule(tmp_path / "nothing", tiny_vae).prepare_data()
-    dm = _datamodule(tmp_path / "built", tiny_vae, root=str(image_root), shard_size=4, encode_batch_size=3,
-                     encode_num_workers=0)
-    dm.prepare_data()
-    assert is_complete(tmp_path / "built")
-    for name, arr in _load(tmp_path / "built").items():
-        assert np.array_equal(arr, _load(full_cache)[name]), name
-
-
-def test_encode_cli_composes_the_config_and_fails_clearly_without_the_vae(image_root, tmp_path, monkeypatch):
+def test_encode_cli_fails_in_one_message_without_the_vae(image_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main([]) == 2
-    with pytest.raises(VAEUnavailableError, match="make assets"):
-        main(["encode", f"data.root={image_root}", f"data.cache_dir={tmp_path / 'c'}",
-              "data.vae=no-such-org-for-tests/vae", "data.encode_num_workers=0", "data.progress=false"])
+    with pytest.raises(SystemExit):
+        main([])
+    assert main(["encode", f"data.root={image_root}", f"data.cache_dir={tmp_path / 'c'}", *TINY_CLI,
+                 "data.vae.hub_id=no-such-org-for-tests/vae"]) == 1
+    err = capsys.readouterr().err
+    assert "VAEUnavailableError" in err and "make assets" in err and "Traceback" not in err
     # The file list was taken and the manifest written before the VAE was needed; nothing looks complete.
     assert not is_complete(tmp_path / "c") and (tmp_path / "c" / SHARD_DIR / "manifest.json").is_file()
-    shutil.rmtree(tmp_path / "c")
+    assert main(["encode", "data/vae=no-such-preset"]) == 2
+    assert "no-such-preset" in capsys.readouterr().err
 
 
 def test_encode_cli_with_a_local_vae_folder_builds_the_cache(image_root, full_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     build_tiny_autoencoder(levels=2).save_pretrained(tmp_path / "vae")  # same weights as the fixture's
-    assert main(["encode", f"data.root={image_root}", f"data.cache_dir={tmp_path / 'c'}", "data.vae=tiny-random",
-                 f"data.vae_local_path={tmp_path / 'vae'}", f"data.resolution={RES}", "data.image_size=16",
-                 "data.shard_size=4", "data.encode_batch_size=3", "data.encode_num_workers=0",
-                 "data.progress=false"]) == 0
+    assert main(["encode", f"data.root={image_root}", f"data.cache_dir={tmp_path / 'c'}",
+                 f"data.vae_local_path={tmp_path / 'vae'}", *TINY_CLI]) == 0
     assert is_complete(tmp_path / "c")
-    for name, arr in _load(tmp_path / "c").items():
-        np.testing.assert_allclose(arr.astype(np.float32), _load(full_cache)[name].astype(np.float32),
+    for name, arr in load_arrays(tmp_path / "c").items():
+        np.testing.assert_allclose(arr.astype(np.float32), load_arrays(full_cache)[name].astype(np.float32),
                                    rtol=2e-3, atol=1e-4, err_msg=name)
+    assert main(["verify", f"data.cache_dir={tmp_path / 'c'}", *TINY_CLI]) == 0
 
 
 def test_setup_fails_at_once_when_the_vae_for_decode_is_missing(full_cache, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    shutil.copytree(full_cache, cache)
+    cache = copy_cache(full_cache, tmp_path / "cache")
     meta = json.loads((cache / "metadata.json").read_text())
-    (cache / "metadata.json").write_text(json.dumps({**meta, "vae": "no-such-org-for-tests/vae"}))
+    (cache / "metadata.json").write_text(json.dumps({**meta, "vae": "no-such-vae"}))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    preset = {"name": "no-such-vae", "hub_id": "no-such-org-for-tests/vae", "subfolder": None, "revision": None,
+              "scale": 0.18215, "shift": 0.0, "channels": 4, "downsample": 2}
     with pytest.raises(VAEUnavailableError, match="data.vae_local_path"):
-        _datamodule(cache, "no-such-org-for-tests/vae").setup("fit")
+        _datamodule(cache, preset).setup("fit")
     with pytest.raises(VAEUnavailableError, match="no config.json"):
-        _datamodule(cache, "no-such-org-for-tests/vae", vae_local_path=str(tmp_path)).setup("fit")
+        _datamodule(cache, preset, vae_local_path=str(tmp_path)).setup("fit")
 
 
 def test_ranks_draw_different_noise_and_the_global_rng_is_left_alone(full_cache):

@@ -123,7 +123,7 @@ def test_published_presets_compose_with_the_published_settings():
     dit = compose("sample", ["experiment=published_dit_xl"])
     assert (dit.objective.sampler, dit.objective.num_steps, dit.objective.guidance_channels) == ("ddpm", 250, 3)
     assert dit.objective.learn_sigma and dit.model.learn_sigma and dit.objective.decoder_cdf == "dit_tanh"
-    assert (dit.cfg_scale, dit.tf32, dit.data.vae, dit.model.depth) == (1.5, True, "stabilityai/sd-vae-ft-ema", 28)
+    assert (dit.cfg_scale, dit.tf32, dit.data.vae.hub_id, dit.model.depth) == (1.5, True, "stabilityai/sd-vae-ft-ema", 28)
     assert dit.model.init_from.endswith("DiT-XL-2-256x256.pt") and dit.model.time_convention == "project"
     sit = compose("sample", ["experiment=published_sit_xl"])
     assert (sit.objective.path, sit.objective.sampler, sit.objective.num_steps) == ("linear", "euler_maruyama", 250)
@@ -197,7 +197,7 @@ def test_sample_py_from_a_project_checkpoint_and_a_sit_file(tmp_path):
     # a SiT training file through the SiT preset (SiT's convention and sampler keys), tiny network and data
     src = random_dit(seed=5, input_size=8, in_channels=1, num_classes=10, depth=1)
     path = write_sit_training(src, tmp_path / "SiT.pt")
-    result = run_sample(tmp_path / "b", ["experiment=published_sit_xl", "data=digits", "~data.vae", "~data.vae_dtype",
+    result = run_sample(tmp_path / "b", ["experiment=published_sit_xl", "data=digits", "~data.vae_dtype",
                                          "model=dit_tiny", f"ckpt={path}", "objective.num_steps=3"])
     images, _ = read_npz(result)
     assert images.shape == (5, 8, 8, 3) and images.std() > 0
