@@ -171,10 +171,11 @@ class DinoV2Features(nn.Module):
         found = next((p for p in searched if p.is_file()), None)
         if found is None:
             raise FileNotFoundError(missing_dinov2_message(searched))
-        self.net = DinoViT(**arch)
+        with torch.device("meta"):  # no random init of 300M numbers: the file's tensors are assigned
+            self.net = DinoViT(**arch)
         state = torch.load(found, map_location="cpu", weights_only=True)
         try:
-            self.net.load_state_dict(state, strict=True)
+            self.net.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0]
             raise ValueError(f"{found} is not a DINOv2 {arch['name']} state dict ({first})") from None
