@@ -2,7 +2,7 @@
 
 Run it on a machine with internet, copy the folder to the cluster, and point the configs at it (printed
 at the end), since compute nodes often cannot download.
-  python -m datamodules.assets [--out data/assets] [--vae ema mse] [--skip-inception]
+  python -m datamodules.assets [--out data/assets] [--vae ema mse] [--skip-inception] [--dinov2]
 """
 
 from __future__ import annotations
@@ -65,15 +65,38 @@ def download_inception(out: Path) -> Path:
     return target
 
 
+# ---- DINOv2 ViT-L/14 for FD-DINOv2 (evaluation/dinov2.py); opt-in with --dinov2 (1.2 GB) --------------------
+def dinov2_url() -> str:
+    from evaluation.dinov2 import DINOV2_URL
+
+    return DINOV2_URL
+
+
+def download_dinov2(out: Path) -> Path:
+    """The official dinov2_vitl14_pretrain.pth into out/ (torch.hub writes to a temporary file, then renames)."""
+    import torch
+
+    target = out / dinov2_url().rsplit("/", 1)[-1]
+    if target.is_file():
+        print(f"  dinov2_vitl14: already in {target}")
+        return target
+    torch.hub.download_url_to_file(dinov2_url(), str(target), progress=True)
+    print(f"  dinov2_vitl14: {target}")
+    return target
+# ---- end of the DINOv2 block ---------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/assets", help="folder to download into (default: data/assets)")
     parser.add_argument("--vae", nargs="*", default=["ema", "mse"], choices=sorted(VAES), help="which SD VAEs")
     parser.add_argument("--skip-inception", action="store_true", help="do not fetch the FID Inception weights")
+    parser.add_argument("--dinov2", action="store_true", help="also fetch DINOv2 ViT-L/14 (FD-DINOv2, 1.2 GB)")
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser().resolve()
     hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     needed = ([hub] if args.vae else []) + ([] if args.skip_inception else [inception_url()])
+    needed += [dinov2_url()] if args.dinov2 else []
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     unreachable = [url for url in needed if offline or not _reachable(url)]
     if unreachable:
@@ -91,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"downloading into {out}")
     vae_dirs = {VAES[key]: download_vae(VAES[key], out) for key in args.vae}
     inception = None if args.skip_inception else download_inception(out)
+    dinov2 = download_dinov2(out) if args.dinov2 else None
     print("\nPoint the configs at these files (Hydra overrides):")
     for repo_id, folder in vae_dirs.items():
         print(f"  data.vae={repo_id} data.vae_local_path={folder}")
     if inception is not None:
         print(f"  callbacks.fid.extractor.weights_path={inception}   (training FID callback)")
         print(f"  extractor.weights_path={inception}   (evaluate.py)")
+    if dinov2 is not None:
+        print(f"  extractor.dinov2=true extractor.dinov2_weights_path={dinov2}   (evaluate.py FD-DINOv2)")
     return 0
 
 
