@@ -67,7 +67,9 @@ def run(cfg: DictConfig) -> dict:
     model = load_eval_model(ckpt)
     device = setup_distributed()
     rank, world = rank_world()
-    data_cfg = {**model.run_cfg["data"], **OmegaConf.to_container(cfg.data, resolve=True)}
+    data_cfg = {**((model.run_cfg or {}).get("data") or {}), **OmegaConf.to_container(cfg.data, resolve=True)}
+    if "_target_" not in data_cfg:
+        raise ValueError(f"ckpt={ckpt} carries no data config; give one with +data._target_=... and its keys")
     datamodule = instantiate(data_cfg)
     spec = sample_spec(model.objective, num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed,
                        sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale, labels=cfg.labels)

@@ -295,6 +295,17 @@ def test_item5_a_file_that_is_not_a_checkpoint_fails_with_one_line(tmp_path, kin
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
+def test_item5_the_command_line_prints_one_line_and_exits_2(tmp_path, cache):
+    bad = tmp_path / "step=0000001.ckpt"
+    bad.write_bytes(os.urandom(2048))
+    res = subprocess.run([PY, "evaluate.py", f"ckpt='{bad}'", f"hydra.run.dir={tmp_path / 'h'}"], cwd=ROOT,
+                         env={**env_with_cache(cache), "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not a checkpoint written by train.py" in lines[0]
+
+
 def _item6_worker(rank, world, port, tmp):
     """Node-local caches: the reference file exists on rank 0's disk only."""
     import datetime
