@@ -322,8 +322,11 @@ def _item6_worker(rank, world, port, tmp):
         ext = DigitsFeatures(image_size=8, epochs=2, cache_dir=tmp, verbose=False)
         path = Path(tmp) / f"node{rank}" / "ref.npz"
         ref = get_reference(str(path), ext, DigitsDataModule(image_size=8), torch.device("cpu"), True, 200, 256)
-        torch.save({"count": int(np.load(Path(tmp) / "node0" / "ref.npz")["count"]), "mu": ref.stats["pool"][0]},
-                   Path(tmp) / f"out{rank}.pt")
+        # no file on any node: rank 0 decides to compute, every rank takes a share, rank 0 writes, all agree
+        fresh = get_reference(str(Path(tmp) / f"node{rank}" / "fresh.npz"), ext, DigitsDataModule(image_size=8),
+                              torch.device("cpu"), True, None, 256, rows=300)
+        torch.save({"count": int(np.load(Path(tmp) / "node0" / "ref.npz")["count"]), "mu": ref.stats["pool"][0],
+                    "fresh": fresh}, Path(tmp) / f"out{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -348,6 +351,11 @@ def test_item6_rank0_decides_about_the_reference_and_broadcasts(cache, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(2))
     np.testing.assert_array_equal(r0["mu"], r1["mu"])
     assert not (tmp_path / "node1" / "ref.npz").exists()  # only rank 0 reads or writes the reference
+    single = get_reference(None, ext, DigitsDataModule(image_size=8), torch.device("cpu"), True, None, 256, rows=300)
+    for r in (r0, r1):
+        np.testing.assert_allclose(r["fresh"].stats["pool"][1], single.stats["pool"][1], rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(r["fresh"].rows, single.rows)  # the same images' rows, in the same order
+    assert (tmp_path / "node0" / "fresh.npz").is_file() and not (tmp_path / "node1" / "fresh.npz").exists()
 
 
 def test_item7_callback_and_evaluate_use_one_precision_whatever_the_caller_set(tmp_path, cache):
