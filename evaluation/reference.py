@@ -247,6 +247,8 @@ def _plan(path: Path | None, keyed: bool, identity: dict, extractor, datamodule,
         return ("load", ref)
     except ReferenceError as err:
         return ("error", str(err))
+    except Exception as err:  # anything else must reach the other ranks too, or they wait for rank 0 forever
+        return ("error", f"reference {path}: {type(err).__name__}: {err}")
 
 
 def get_reference(path: str | None, extractor, datamodule, device, compute_if_missing: bool = True,
