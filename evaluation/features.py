@@ -29,7 +29,7 @@ ADM_SPATIAL_CHANNELS = 7  # ADM's sFID: mixed_6/conv[..., :7] -> 17 * 17 * 7 = 2
 def default_cache_dir() -> Path:
     """Where cached weights, classifiers and reference statistics live; $D2F_CACHE_DIR overrides
     ~/.cache/diffusion-to-flow."""
-    return Path(os.environ.get("D2F_CACHE_DIR", Path.home() / ".cache" / "diffusion-to-flow"))
+    return Path(os.environ.get("D2F_CACHE_DIR") or Path.home() / ".cache" / "diffusion-to-flow")  # empty = unset
 
 
 def inception_weight_candidates(weights_path: str | None, cache_dir: str | None) -> list[Path]:
