@@ -1,4 +1,6 @@
-"""Sample from a checkpoint and report FID (+ IS, or digits-FID + class accuracy): `make eval CKPT=path`.
+"""Sample from a checkpoint and report FID, sFID, IS, precision, recall, KID (digits: the digits-CNN
+analogues; optionally FD-DINOv2): `make eval CKPT=path`. The work is done by the evaluation/ package,
+which the training callback shares; this file reads the config and writes the outputs.
 
 Multi-GPU: `torchrun --nproc_per_node=8 evaluate.py ckpt=...` (each rank generates every world-th chunk).
 Samples are written as chunk files (tmp + rename), so an interrupted run continues where it stopped and
@@ -7,34 +9,25 @@ a larger num_samples reuses the smaller run's samples (same seed and batch_size)
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 import time
-import zipfile
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from callbacks.features import DigitsFeatures, InceptionFeatures
-from callbacks.fid import (
-    MetricAccumulator,
-    chunk_bounds,
-    chunks_for_rank,
-    default_ref_path,
-    generate_chunk,
-    get_reference,
-    module_generate_fn,
-    sampler_settings,
-)
-from callbacks.fid_stats import _all_reduce_sum, _dist_world
+from evaluation.checkpoint import NotACheckpointError, load_eval_model
+from evaluation.distributed import barrier, rank_world
+from evaluation.engine import append_record, evaluate_model, make_record, sample_spec, summary_line
+from evaluation.features import build_extractor, resolve_extractor_names
+from evaluation.matmul import check_matmul_precision, matmul_precision
+from evaluation.metrics import MetricSet
+from evaluation.reference import ReferenceError, get_reference
+from evaluation.samples import LABEL_MODES, ChunkStore, save_grid
 from workflow.config_guard import instantiate_trusted
-
-EXTRACTORS = ("auto", "inception", "digits")
 
 
 def setup_distributed() -> torch.device:
@@ -49,201 +42,97 @@ def setup_distributed() -> torch.device:
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
-def barrier() -> None:
-    if _dist_world()[1] > 1:
-        dist.barrier()
+def check_config(cfg: DictConfig) -> None:
+    """Enumerated keys, before anything heavy: one line naming the key and the choices."""
+    check_matmul_precision(cfg.matmul_precision)
+    if cfg.labels not in LABEL_MODES:
+        raise ValueError(f"labels={cfg.labels!r}; choose one of {LABEL_MODES}")
+    for key in ("num_samples", "batch_size", "feature_batch_size"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{key}={cfg[key]} must be >= 1")
 
 
-def build_extractor(cfg: DictConfig, data_cfg: dict, device: torch.device) -> torch.nn.Module:
-    """The feature extractor named by extractor.name; `auto` is the digits CNN for digits runs, Inception otherwise."""
-    ex = cfg.extractor
-    name = ex.name
-    if name not in EXTRACTORS:
-        raise ValueError(f"extractor.name={name!r}; choose one of {EXTRACTORS}")
-    if name == "auto":
-        name = "digits" if data_cfg["_target_"].endswith("DigitsDataModule") else "inception"
-    if name == "digits":
-        ext = DigitsFeatures(image_size=data_cfg["image_size"], val_fraction=data_cfg.get("val_fraction", 0.1),
-                             split_seed=data_cfg.get("seed", 0), epochs=ex.digits_epochs, cache_dir=ex.cache_dir)
-    else:
-        ext = InceptionFeatures(weights_path=ex.weights_path, cache_dir=ex.cache_dir, download=ex.download)
-    return ext.to(device).eval()
-
-
-def default_out_dir(cfg: DictConfig, settings: dict) -> Path:
-    """<ckpt dir>/eval/<ckpt stem>/<sampler>-<steps>steps-cfg<scale>-seed<seed>-bs<batch>: one folder per sample set."""
-    ckpt = Path(cfg.ckpt).resolve()
-    tag = (f"{settings['sampler']}-{settings['num_steps']}steps-cfg{settings['cfg_scale']:g}"
-           f"-seed{cfg.seed}-bs{cfg.batch_size}")
-    return ckpt.parent / "eval" / ckpt.stem / tag
-
-
-def check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuse to mix chunks of different sample sets in one folder (rank 0 writes, others wait)."""
-    path = out_dir / "settings.json"
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            raise ValueError(f"{out_dir} holds samples made with {stored}, not {settings}; "
-                             "choose another out_dir or delete that folder")
-    elif _dist_world()[0] == 0:
-        tmp = path.with_name(f"settings.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, path)
-
-
-def chunk_path(out_dir: Path, chunk: int) -> Path:
-    return out_dir / "chunks" / f"chunk_{chunk:06d}.npz"
-
-
-def read_chunk(path: Path, start: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(images NHWC uint8, labels) of a complete chunk file covering [start, end), else None."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as f:
-            if int(f["start"]) != start or int(f["end"]) != end:
-                return None
-            return f["images"], f["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # unreadable: regenerate
-
-
-def write_chunk(path: Path, images: np.ndarray, labels: np.ndarray, start: int, end: int) -> None:
-    """Atomic write: a chunk file either is complete or does not exist."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, images=images, labels=labels, start=np.int64(start), end=np.int64(end))
-    os.replace(tmp, path)
-
-
-def save_grid(images: np.ndarray, path: Path, nrow: int, pad: int = 1) -> None:
-    """A PNG grid of NHWC uint8 samples, mid-grey separators, nearest-upscaled so 8x8 digits stay visible."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    rows = (n + nrow - 1) // nrow
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 128, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = img
-    scale = max(1, -(-64 // h))
-    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
-
-
-def write_adm_npz(out_dir: Path, num_samples: int, batch_size: int, shape: tuple[int, int, int]) -> Path:
-    """ADM/DiT format: arr_0 uint8 [N, H, W, 3] in sample order, streamed through a memmap (50K fits on disk)."""
-    h, w = shape[1], shape[2]
-    tmp_npy = out_dir / "samples_arr_0.tmp.npy"
-    arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(num_samples, h, w, 3))
-    for c, (s, e) in enumerate(chunk_bounds(num_samples, batch_size)):
-        images, _ = read_chunk(chunk_path(out_dir, c), s, e)
-        arr[s:e] = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
-    arr.flush()
-    path = out_dir / f"samples_{num_samples}.npz"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, arr_0=arr)
-    del arr
-    tmp_npy.unlink()
-    os.replace(tmp, path)
-    return path
+def default_out_dir(ckpt: Path, step: int | None, fingerprint: str, spec) -> Path:
+    """<ckpt dir>/eval/<ckpt stem>-step<N>-<fingerprint>/<sampler>-<steps>steps-cfg<scale>-<labels>-seed<s>-bs<b>:
+    one folder per sample set, and a rewritten checkpoint (other weights) never lands in the old folder."""
+    tag = (f"{spec.sampler}-{spec.num_steps}steps-cfg{spec.cfg_scale:g}-{spec.labels}-seed{spec.seed}"
+           f"-bs{spec.batch_size}")
+    return ckpt.parent / "eval" / f"{ckpt.stem}-step{'NA' if step is None else step}-{fingerprint[:8]}" / tag
 
 
 def run(cfg: DictConfig) -> dict:
-    """Everything evaluate.py does; returns the metrics (on every rank)."""
-    if not cfg.ckpt or not Path(cfg.ckpt).is_file():
-        raise FileNotFoundError(f"ckpt={cfg.ckpt!r} is not a file; usage: make eval CKPT=path/to/last.ckpt "
-                                "(or python evaluate.py ckpt=path/to/last.ckpt)")
+    """Everything evaluate.py does; returns the record (on every rank)."""
+    check_config(cfg)
+    ckpt = Path(str(cfg.ckpt or ""))
+    model = load_eval_model(ckpt, weights_cfg=cfg)
     device = setup_distributed()
-    rank, world = _dist_world()
-    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)  # sampling only; the Inception pass always runs without
-    torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
-    from gen_objectives.module import GenerativeModule
+    rank, world = rank_world()
+    data_cfg = {**model.run_cfg["data"], **OmegaConf.to_container(cfg.data_overrides, resolve=True)}
+    datamodule = instantiate_trusted(data_cfg, f"{ckpt}: data")  # read from the file: project classes only
+    spec = sample_spec(model.objective, num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed,
+                       sampler=cfg.sampler, num_steps=cfg.num_steps, cfg_scale=cfg.cfg_scale, labels=cfg.labels)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(ckpt.resolve(), model.step, model.fingerprint, spec)
+    store = ChunkStore(out_dir)
+    settings = {"ckpt_step": model.step, "ckpt_fingerprint": model.fingerprint, **vars(spec),
+                "matmul_precision": cfg.matmul_precision}
+    settings.pop("num_samples")  # a larger run reuses a smaller one's chunks
+    network = model.network.to(device)
+    model.objective.to(device)
+    names = resolve_extractor_names(cfg.extractor.name, data_cfg["_target_"].endswith("DigitsDataModule"))
+    if cfg.extractor.dinov2 and "dinov2" not in names:
+        names.append("dinov2")
 
-    module = GenerativeModule.from_checkpoint(cfg.ckpt, map_location="cpu").to(device).eval()
-    run_cfg = module.hparams["cfg"]
-    data_cfg = {**run_cfg["data"], **OmegaConf.to_container(cfg.data, resolve=True)}
-    datamodule = instantiate_trusted(data_cfg, f"{cfg.ckpt}: data")  # read from the file: project classes only
-    settings = {"ckpt": str(Path(cfg.ckpt).resolve()), "seed": int(cfg.seed), "batch_size": int(cfg.batch_size),
-                **sampler_settings(module.objective, cfg.sampler, cfg.num_steps, cfg.cfg_scale)}
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg, settings)
-    (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
+    with matmul_precision(cfg.matmul_precision):
+        # extractors and references first: missing weights or a wrong reference fail before any sampling
+        t0 = time.time()
+        extractors = [build_extractor(n, cfg.extractor, data_cfg).to(device).eval() for n in names]
+        references = [get_reference(cfg.ref_stats if i == 0 else None, e, datamodule, device,
+                                    cfg.compute_ref_if_missing, cfg.ref_max_images, cfg.feature_batch_size,
+                                    subset_seed=cfg.ref_subset_seed, rows=cfg.ref_rows, data_cfg=data_cfg,
+                                    progress=cfg.progress)
+                      for i, e in enumerate(extractors)]
+        ref_seconds = time.time() - t0
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        store.claim(settings)
+        metrics = MetricSet(extractors, references, spec.num_samples, device,
+                            precision_recall=cfg.precision_recall, kid=cfg.kid, fid_bootstrap=cfg.fid_bootstrap,
+                            seed=spec.seed)
+        values, facts = evaluate_model(network, model.objective, datamodule, spec, metrics, device, store=store,
+                                       feature_batch_size=cfg.feature_batch_size, progress=cfg.progress)
     barrier()
-    check_settings(out_dir, settings)
-    shape = (data_cfg["channels"], data_cfg["image_size"], data_cfg["image_size"])
-    num_classes = data_cfg["num_classes"]
-    generate = module_generate_fn(module, settings["sampler"], settings["num_steps"], settings["cfg_scale"])
-
-    # 0. the extractor and reference statistics first: missing weights fail before hours of sampling
-    t1 = time.time()
-    extractor = build_extractor(cfg, data_cfg, device)
-    ref_path = cfg.ref_stats or default_ref_path(extractor.name, data_cfg)
-    ref = get_reference(ref_path, extractor, datamodule, device, cfg.compute_ref_if_missing, cfg.ref_max_images,
-                        cfg.feature_batch_size)
-    ref_seconds = time.time() - t1
-
-    # 1. samples: this rank's chunks, skipping the ones already on disk
-    mine = chunks_for_rank(cfg.num_samples, cfg.batch_size, rank, world)
-    todo = [(c, s, e) for c, s, e in mine if read_chunk(chunk_path(out_dir, c), s, e) is None]
-    done = sum(e - s for _, s, e in mine) - sum(e - s for _, s, e in todo)
-    if rank == 0 and done:
-        print(f"[eval] resuming: {done} of this rank's samples already in {out_dir / 'chunks'}")
-    t0 = time.time()
-    bar = tqdm(total=sum(e - s for _, s, e in todo), unit="sample", desc=f"sampling (x{world} ranks)",
-               disable=not cfg.progress or rank != 0, dynamic_ncols=True)
-    for c, s, e in todo:
-        images, labels = generate_chunk(generate, datamodule.decode, s, e, shape, num_classes, cfg.seed, device)
-        write_chunk(chunk_path(out_dir, c), images.permute(0, 2, 3, 1).numpy(), labels.numpy(), s, e)
-        bar.update(e - s)
-    bar.close()
-    sampling_seconds = time.time() - t0
-    generated = _all_reduce_sum(torch.tensor([float(sum(e - s for _, s, e in todo))], dtype=torch.float64))
-    barrier()
-
-    # 2. features and statistics, each rank over its own chunks, combined exactly
-    t1 = time.time()
-    acc = MetricAccumulator(extractor, cfg.num_samples, device)
-    for c, s, e in mine:
-        images, labels = read_chunk(chunk_path(out_dir, c), s, e)
-        imgs = torch.from_numpy(images).permute(0, 3, 1, 2)
-        for i in range(0, e - s, cfg.feature_batch_size):
-            sl = slice(i, i + cfg.feature_batch_size)
-            acc.update(imgs[sl], torch.from_numpy(labels[sl]), torch.arange(s + i, min(s + i + cfg.feature_batch_size, e)))
-    metrics = acc.finalize(ref)
-    metrics.pop("_mu"), metrics.pop("_sigma")
-    feature_seconds = time.time() - t1
-
-    metrics.update(settings)
-    metrics.update(extractor=extractor.name, ref_stats=ref_path, world_size=world, out_dir=str(out_dir),
-                   ref_seconds=ref_seconds, sampling_seconds=sampling_seconds, feature_seconds=feature_seconds,
-                   samples_generated=int(generated.item()),
-                   samples_per_second=generated.item() / sampling_seconds if generated.item() else None)
-    if isinstance(extractor, DigitsFeatures):
-        metrics["note"] = "digits-FID uses a small digits CNN's features: NOT comparable with Inception FID"
-        metrics["classifier_val_accuracy"] = extractor.val_accuracy
-
-    # 3. outputs (rank 0)
+    record = make_record(values, facts, spec, extractors=extractors, references=references, ckpt=str(ckpt.resolve()),
+                         step=model.step, fingerprint=model.fingerprint, matmul_precision=cfg.matmul_precision,
+                         out_dir=str(out_dir), ref_seconds=ref_seconds)
     if rank == 0:
-        first = min(cfg.grid_samples, cfg.num_samples)
-        grid = [read_chunk(chunk_path(out_dir, c), s, e)[0] for c, (s, e) in
-                enumerate(chunk_bounds(cfg.num_samples, cfg.batch_size)) if s < first]
-        save_grid(np.concatenate(grid)[:first], out_dir / "samples_grid.png", cfg.grid_nrow)
+        first = min(cfg.grid_samples, spec.num_samples)
+        save_grid(store.first_images(first, spec.num_samples, spec.batch_size), out_dir / "samples_grid.png",
+                  cfg.grid_nrow)
         if cfg.save_npz:
-            metrics["npz"] = str(write_adm_npz(out_dir, cfg.num_samples, cfg.batch_size, shape))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(json.dumps(metrics, indent=2))
-        print(f"[eval] wrote {out_dir / 'metrics.json'} and {out_dir / 'samples_grid.png'}")
+            shape = (datamodule.channels, datamodule.image_size, datamodule.image_size)
+            record["npz"] = str(store.write_adm_npz(spec.num_samples, spec.batch_size, shape))
+        path = append_record(out_dir / "metrics.jsonl", record)
+        for e in extractors:
+            if e.note:
+                print(f"[eval] {e.name}: {e.note}")
+        print(f"[eval] {summary_line(values)}")
+        print(f"[eval] step {model.step} ({model.fingerprint}), {spec.sampler} {spec.num_steps} steps, "
+              f"cfg {spec.cfg_scale:g}, {facts['nfe']} NFE; appended to {path}; grid {out_dir / 'samples_grid.png'}")
     barrier()
-    return metrics
+    return record
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
+    except (NotACheckpointError, ReferenceError, FileNotFoundError, ValueError) as err:
+        # a bad input: its message names the key or file (a traceback adds nothing; HYDRA_FULL_ERROR=1 shows it)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

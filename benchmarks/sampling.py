@@ -52,15 +52,15 @@ def objective_name(module) -> str:
 def build_metric(kind: str, datamodule, device: torch.device, ref_stats: str | None = None,
                  inception_weights: str | None = None):
     """The feature extractor and the real-data reference statistics the FIDs are measured against."""
-    from callbacks.fid import get_reference
+    from evaluation.reference import get_reference
 
     if kind == "digits":
-        from callbacks.features import DigitsFeatures
+        from evaluation.features import DigitsFeatures
 
         extractor = DigitsFeatures(image_size=datamodule.image_size, val_fraction=datamodule.val_fraction,
                                    split_seed=datamodule.seed, verbose=False)
     elif kind == "inception":
-        from callbacks.features import InceptionFeatures
+        from evaluation.features import InceptionFeatures
 
         extractor = InceptionFeatures(weights_path=inception_weights)
     else:
@@ -108,8 +108,9 @@ def generate_and_measure(module, datamodule, extractor, ref, *, sampler: str, nu
     so every sampler and setting starts from identical noise. `sample_fn(net, noise, y, generator)` replaces
     objective.sample for samplers the objective does not offer itself (table1's diffusion PF-ODE).
     """
-    from callbacks.fid import MetricAccumulator, chunk_bounds, mix_seed, noise_and_labels
-    from callbacks.fid_stats import quantize
+    from evaluation.metrics import MetricAccumulator
+    from evaluation.samples import chunk_bounds, mix_seed, noise_and_labels
+    from evaluation.stats import quantize
 
     device = torch.device(device)
     counter = CountingNet(module.ema_net())

@@ -484,8 +484,8 @@ def plot_loss_vs_t(name: str, runs: list[dict], path: Path) -> Path:
 
 def data_floor(datamodule, ref_stats: str, n: int) -> dict:
     """digits-FID and accuracy of real held-out images against the reference (what 'perfect' scores)."""
-    from callbacks.fid import MetricAccumulator
-    from callbacks.fid_stats import quantize
+    from evaluation.metrics import MetricAccumulator
+    from evaluation.stats import quantize
 
     extractor, ref = build_metric("digits", datamodule, torch.device("cpu"), ref_stats)
     x, y = heldout(datamodule, n)

@@ -3,7 +3,7 @@
 Run it on a machine with internet, copy the folder to the cluster, and point the configs at it (printed
 at the end), since compute nodes often cannot download.
   python -m datamodules.assets [--out data/assets] [--vae sd-vae-ft-ema sd-vae-ft-mse sdxl sd3 flux] [--skip-inception]
-                                [--published dit_xl sit_xl]
+                                [--published dit_xl sit_xl] [--dinov2]
 The VAE table is conf/data/vae/*.yaml (hub id + subfolder per preset); sd3 and flux are gated on the hub:
 accept their licences there and `huggingface-cli login` first.
 """
@@ -60,18 +60,22 @@ def download_vae(name: str, out: Path) -> Path:
     return target
 
 
-def download_inception(out: Path) -> Path:
-    """torch-fidelity's Inception weights into out/ (torch.hub writes to a temporary file, then renames)."""
+def download_file(url: str, target: Path, label: str) -> Path:
+    """One weight file into target (torch.hub writes to a temporary file, then renames: never half-written)."""
     import torch
 
-    url = inception_url()
-    target = out / url.rsplit("/", 1)[-1]
     if target.is_file():
-        print(f"  inception-v3-compat: already in {target}")
+        print(f"  {label}: already in {target}")
         return target
     torch.hub.download_url_to_file(url, str(target), progress=True)
-    print(f"  inception-v3-compat: {target}")
+    print(f"  {label}: {target}")
     return target
+
+
+def download_inception(out: Path) -> Path:
+    """torch-fidelity's Inception weights into out/."""
+    url = inception_url()
+    return download_file(url, out / url.rsplit("/", 1)[-1], "inception-v3-compat")
 
 
 # ---- published DiT-XL/2 and SiT-XL/2 weights (issue #14): the URLs of the official READMEs / download.py ----------
@@ -84,17 +88,21 @@ PUBLISHED_PRESETS = {"dit_xl": "published_dit_xl", "sit_xl": "published_sit_xl"}
 
 
 def download_published(name: str, out: Path) -> Path:
-    """One published weight file into out/ (torch.hub downloads to a temporary file and renames it)."""
-    import torch
-
+    """One published weight file into out/ under the name the published_* presets read."""
     filename, url = PUBLISHED[name]
-    target = out / filename
-    if target.is_file():
-        print(f"  {filename}: already in {target}")
-        return target
-    torch.hub.download_url_to_file(url, str(target), progress=True)
-    print(f"  {filename}: {target}")
-    return target
+    return download_file(url, out / filename, filename)
+
+
+# ---- DINOv2 ViT-L/14 for FD-DINOv2 (evaluation/dinov2.py); opt-in with --dinov2 (1.2 GB) --------------------
+def dinov2_url() -> str:
+    from evaluation.dinov2 import DINOV2_URL
+
+    return DINOV2_URL
+
+
+def download_dinov2(out: Path) -> Path:
+    """The official dinov2_vitl14_pretrain.pth into out/."""
+    return download_file(dinov2_url(), out / dinov2_url().rsplit("/", 1)[-1], "dinov2_vitl14")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-inception", action="store_true", help="do not fetch the FID Inception weights")
     parser.add_argument("--published", nargs="*", default=[], choices=sorted(PUBLISHED),
                         help="published weights (about 2.7 GB each) for experiment=published_<name>")
+    parser.add_argument("--dinov2", action="store_true", help="also fetch DINOv2 ViT-L/14 (FD-DINOv2, 1.2 GB)")
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser().resolve()
     hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     needed = ([hub] if args.vae else []) + ([] if args.skip_inception else [inception_url()])
     needed += [PUBLISHED[name][1] for name in args.published]
+    needed += [dinov2_url()] if args.dinov2 else []
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     unreachable = [url for url in needed if offline or not _reachable(url)]
     if unreachable:
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     vae_dirs = {name: download_vae(name, out) for name in args.vae}
     inception = None if args.skip_inception else download_inception(out)
     published = {name: download_published(name, out) for name in args.published}
+    dinov2 = download_dinov2(out) if args.dinov2 else None
     print("\nPoint the configs at these files (Hydra overrides):")
     for name, folder in vae_dirs.items():
         print(f"  data/vae={name} data.vae_local_path={folder}")
@@ -136,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  extractor.weights_path={inception}   (evaluate.py)")
     for name, path in published.items():
         print(f"  experiment={PUBLISHED_PRESETS[name]} model.init_from={path}   (sample.py, train.py)")
+    if dinov2 is not None:
+        print(f"  extractor.dinov2=true extractor.dinov2_weights_path={dinov2}   (evaluate.py FD-DINOv2)")
     return 0
 
 

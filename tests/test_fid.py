@@ -10,24 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from callbacks.fid import (
-    MetricAccumulator,
-    chunk_bounds,
-    chunks_for_rank,
-    generate_chunk,
-    get_reference,
-    metric_name,
-    noise_and_labels,
-)
-from callbacks.fid_stats import (
-    FeatureStats,
-    InceptionScoreStats,
-    frechet_distance,
-    load_stats,
-    quantize,
-    save_stats,
-)
 from datamodules.digits import DigitsDataModule
+from evaluation.metrics import MetricAccumulator, count_suffix
+from evaluation.reference import Reference, ReferenceError, get_reference, load_reference, save_reference
+from evaluation.samples import chunk_bounds, chunks_for_rank, generate_chunk, noise_and_labels
+from evaluation.stats import FeatureStats, InceptionScoreStats, frechet_distance, quantize
 
 
 def scipy_frechet(mu1, s1, mu2, s2):
@@ -101,26 +88,47 @@ def test_inception_score_splits_in_file_order():
     assert abs(shuffled - expected) > 1e-6  # the split assignment by index is what keeps ADM's numbers
 
 
-def test_reference_stats_roundtrip_and_adm_file(tmp_path):
+class TinyExtractor(torch.nn.Module):
+    """Stands for any extractor in the reference checks: a name and feature sizes."""
+
+    def __init__(self, name="digits-cnn-abc", dims=None):
+        super().__init__()
+        self.name, self.dims = name, dims or {"pool": 5}
+
+
+def test_reference_roundtrip_and_adm_file(tmp_path):
+    from evaluation.reference import check_reference
+
     x = gaussian_set(50, 5, 5)
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
-    path = save_stats(tmp_path / "ref.npz", mu, sigma, 50, "digits-cnn-abc")
-    got = load_stats(path, "digits-cnn-abc")
-    np.testing.assert_array_equal(got["mu"], mu)
-    np.testing.assert_array_equal(got["sigma"], sigma)
-    assert got["count"] == 50 and got["extractor"] == "digits-cnn-abc"
-    assert not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(ValueError, match="recompute"):
-        load_stats(path, "inception-v3-compat-2048")
-    # ADM's reference batch: mu/sigma (float64) plus arr_0 images, no extractor id
-    np.savez(tmp_path / "adm.npz", mu=mu, sigma=sigma, arr_0=np.zeros((2, 4, 4, 3), np.uint8))
-    adm = load_stats(tmp_path / "adm.npz", "inception-v3-compat-2048")
-    assert adm["extractor"] is None and adm["sigma"].shape == (5, 5)
-    with pytest.raises(ValueError):
-        load_stats(tmp_path / "adm.npz", "digits-cnn-abc")
+    ident = {"source": "data:X:1", "split": "train", "cap": None, "subset_seed": 0, "extractor": "digits-cnn-abc",
+             "rows": 10, "count": 50}
+    path = save_reference(tmp_path / "ref.npz", Reference({"pool": (mu, sigma)}, x[:10].astype(np.float32), 50, ident))
+    got, images = load_reference(path)
+    np.testing.assert_array_equal(got.stats["pool"][0], mu)
+    np.testing.assert_array_equal(got.stats["pool"][1], sigma)
+    assert got.count == 50 and got.identity == ident and got.rows.shape == (10, 5) and images is None
+    assert not list(tmp_path.glob("*.tmp*"))
+    check_reference(got, TinyExtractor(), ident, 50)
+    with pytest.raises(ReferenceError, match="recompute"):
+        check_reference(got, TinyExtractor("inception-v3-compat"), None, None)
+    with pytest.raises(ReferenceError, match="cap=None"):
+        check_reference(got, TinyExtractor(), {**ident, "cap": 20}, None)
+    with pytest.raises(ReferenceError, match="holds statistics of 50 images"):
+        check_reference(got, TinyExtractor(), ident, 60)
+    # ADM's reference batch: mu/sigma (pool) and mu_s/sigma_s (spatial) plus arr_0 images, no extractor id
+    np.savez(tmp_path / "adm.npz", mu=mu, sigma=sigma, mu_s=mu[:3], sigma_s=sigma[:3, :3],
+             arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    adm, images = load_reference(tmp_path / "adm.npz")
+    assert adm.identity["extractor"] is None and set(adm.stats) == {"pool", "spatial"} and images.shape == (2, 4, 4, 3)
+    check_reference(adm, TinyExtractor("inception-v3-compat", {"pool": 5, "spatial": 3}), None, None)
+    with pytest.raises(ReferenceError, match="Inception"):
+        check_reference(adm, TinyExtractor(), None, None)
+    with pytest.raises(ReferenceError, match="mu_s has shape"):
+        check_reference(adm, TinyExtractor("inception-v3-compat", {"pool": 5, "spatial": 4}), None, None)
     np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
-    with pytest.raises(KeyError, match="mu"):
-        load_stats(tmp_path / "images_only.npz")
+    with pytest.raises(ReferenceError, match="mu"):
+        load_reference(tmp_path / "images_only.npz")
 
 
 def test_quantize_like_dit():
@@ -131,8 +139,7 @@ def test_quantize_like_dit():
 
 
 def test_metric_names():
-    assert metric_name(10000) == "fid_10k" and metric_name(50000) == "fid_50k"
-    assert metric_name(1234, "digits_") == "digits_fid_1234"
+    assert count_suffix(10000) == "10k" and count_suffix(50000) == "50k" and count_suffix(1234) == "1234"
 
 
 def test_chunks_are_disjoint_and_cover_all():
@@ -157,7 +164,10 @@ class LinearFeatures(torch.nn.Module):
     """A fixed random projection of pixels with class logits: a small real extractor for the DDP test."""
 
     name = "linear-test"
-    feature_dim = 6
+    dims = {"pool": 6}
+    fd_names = {"pool": "fid"}
+    prefix = ""
+    note = None
     num_logits = 4
     logits_are_data_classes = False
 
@@ -170,7 +180,7 @@ class LinearFeatures(torch.nn.Module):
 
     def forward(self, images):
         f = self.proj((images.float() / 255).flatten(1))
-        return f, self.head(f)
+        return {"pool": f, "logits": self.head(f)}
 
 
 def sample_tanh(noise, labels, generator):
@@ -183,8 +193,9 @@ def run_share(rank, world, num_samples, chunk):
     """One rank's part of an FID run; returns (metrics, the sample indices it generated)."""
     torch.manual_seed(0)
     extractor = LinearFeatures()
-    ref = {"mu": np.zeros(6), "sigma": np.eye(6)}
-    acc = MetricAccumulator(extractor, num_samples, is_split_size=7)  # several IS splits with few samples
+    rows = torch.randn(20, 6, generator=torch.Generator().manual_seed(3)).numpy()
+    ref = Reference({"pool": (np.zeros(6), np.eye(6))}, rows, 20, {"extractor": "linear-test"})
+    acc = MetricAccumulator(extractor, num_samples, is_split_size=7, fid_bootstrap=3)  # several IS splits
     mine = []
     for _, s, e in chunks_for_rank(num_samples, chunk, rank, world):
         images, labels = generate_chunk(sample_tanh, lambda x: x, s, e, (1, 4, 4), 3, seed=11,
@@ -219,26 +230,32 @@ def test_same_fid_on_one_and_two_gloo_processes(tmp_path):
                        start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert set(r0["mine"]).isdisjoint(r1["mine"]) and sorted(r0["mine"] + r1["mine"]) == list(range(37))
-    for key in ("fid_37", "inception_score"):
-        assert r0["metrics"][key] == pytest.approx(single[key], rel=1e-9)
+    for key in ("fid_37", "inception_score", "precision", "recall", "kid", "kid_stderr", "fid_37_bootstrap_std"):
+        assert r0["metrics"][key] == pytest.approx(single[key], rel=1e-9), key
         assert r1["metrics"][key] == r0["metrics"][key]
     assert r0["metrics"]["num_samples"] == 37
-    np.testing.assert_allclose(r0["metrics"]["_sigma"], single["_sigma"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(r0["metrics"]["_moments"]["pool"][1], single["_moments"]["pool"][1], rtol=1e-10,
+                               atol=1e-12)
 
 
 def test_reference_stats_from_the_datamodule_computed_once(tmp_path):
     dm = DigitsDataModule(image_size=8, batch_size=32)
     ext = LinearFeatures(pixels=64)
     path = tmp_path / "ref.npz"
-    ref = get_reference(str(path), ext, dm, torch.device("cpu"), True, None, 100)
-    x = dm.train_set.tensors[0]  # every train image once, in order (no shuffle, no drop_last)
+    ref = get_reference(str(path), ext, dm, torch.device("cpu"), True, None, 100, rows=500)
+    x = dm.train_set.tensors[0]  # every train image once (no shuffle, no drop_last)
     with torch.no_grad():
-        feats = ext(quantize(dm.decode(x)))[0].double().numpy()
-    assert ref["count"] == len(x) == 1617
-    np.testing.assert_allclose(ref["mu"], feats.mean(0), rtol=1e-10)
-    np.testing.assert_allclose(ref["sigma"], np.cov(feats, rowvar=False), rtol=1e-8, atol=1e-10)
-    again = get_reference(str(path), ext, None, torch.device("cpu"), False, None, 100)  # loaded, no data needed
-    np.testing.assert_array_equal(again["sigma"], ref["sigma"])
-    assert again["extractor"] == "linear-test"
-    with pytest.raises(FileNotFoundError, match="compute_ref_if_missing"):
+        feats = ext(quantize(dm.decode(x)))["pool"].double().numpy()
+    assert ref.count == len(x) == 1617 and ref.identity["count"] == 1617
+    np.testing.assert_allclose(ref.stats["pool"][0], feats.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(ref.stats["pool"][1], np.cov(feats, rowvar=False), rtol=1e-8, atol=1e-10)
+    # rows: 500 distinct train images, a seeded random subset (not the first 500)
+    assert ref.rows.shape == (500, 6)
+    match = [int(np.argmin(np.abs(feats - r).sum(1))) for r in ref.rows]
+    assert len(set(match)) == 500 and max(match) > 1000
+    again = get_reference(str(path), ext, None, torch.device("cpu"), False, None, 100, rows=500)  # loaded
+    np.testing.assert_array_equal(again.stats["pool"][1], ref.stats["pool"][1])
+    np.testing.assert_array_equal(again.rows, ref.rows)
+    assert again.identity["extractor"] == "linear-test"
+    with pytest.raises(ReferenceError, match="compute_ref_if_missing"):
         get_reference(str(tmp_path / "none.npz"), ext, dm, torch.device("cpu"), False, None, 100)

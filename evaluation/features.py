@@ -1,13 +1,14 @@
-"""Feature extractors for FID: torch-fidelity's InceptionV3 (ADM-comparable) and a small digits CNN.
+"""Feature extractors: torch-fidelity's InceptionV3 (ADM-comparable), the digits CNN, DINOv2 ViT-L/14.
 
 Every extractor takes uint8 images [B, C, H, W] (the quantised samples, exactly what would be saved to
-disk) and returns (features [B, D], logits [B, K] or None). `name` identifies the feature space and is
-stored with reference statistics so that stats of one extractor are never compared with another's.
+disk) and returns a dict of features: `pool` [B, D] (FID, precision/recall, KID), optionally `spatial`
+[B, D_s] (sFID) and `logits` [B, K] (IS, or class accuracy when they are the data's classes). `name`
+identifies the feature space and is stored with reference statistics, so that statistics of one
+extractor are never compared with another's; `fd_names`/`prefix` name its metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -17,27 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from callbacks.fid_stats import quantize
+from evaluation.stats import quantize
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+EXTRACTORS = ("auto", "inception", "digits", "dinov2")
+ADM_SPATIAL_CHANNELS = 7  # ADM's sFID: mixed_6/conv[..., :7] -> 17 * 17 * 7 = 2023 features
 
 
 def default_cache_dir() -> Path:
-    """Where cached weights and classifiers live; $D2F_CACHE_DIR overrides ~/.cache/diffusion-to-flow."""
-    return Path(os.environ.get("D2F_CACHE_DIR", Path.home() / ".cache" / "diffusion-to-flow"))
-
-
-@contextlib.contextmanager
-def tf32_disabled():
-    """TF32 matmuls/convolutions change Inception features enough to move FID; ADM's numbers use fp32."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    """Where cached weights, classifiers and reference statistics live; $D2F_CACHE_DIR overrides
+    ~/.cache/diffusion-to-flow."""
+    return Path(os.environ.get("D2F_CACHE_DIR") or Path.home() / ".cache" / "diffusion-to-flow")  # empty = unset
 
 
 def inception_weight_candidates(weights_path: str | None, cache_dir: str | None) -> list[Path]:
@@ -62,16 +54,21 @@ def missing_inception_message(searched: list[Path]) -> str:
 
 
 class InceptionFeatures(nn.Module):
-    """torch-fidelity `inception-v3-compat`: pool '2048' features for FID, bias-free logits for IS.
+    """torch-fidelity `inception-v3-compat`: pool_3 (2048) for FID, mixed_6/conv[:7] (2023) for sFID, and the
+    bias-free logits for IS, as ADM's evaluator reads them from the same TF graph.
 
-    It is fed uint8 at native resolution (it resizes like TF1 internally; do not pre-resize), as ADM's
-    evaluator and published PyTorch ports that match it to <0.04% FID do.
+    It is fed uint8 at native resolution (it resizes like TF1 internally; do not pre-resize). TF's
+    `mixed_6/conv` is torchvision's Mixed_6d.branch1x1 (conv, batch norm, ReLU) at 17x17; ADM keeps its
+    first 7 channels and flattens in NHWC order, which this does too (so ADM's mu_s/sigma_s apply).
     """
 
-    name = "inception-v3-compat-2048"
-    feature_dim = 2048
+    name = "inception-v3-compat"
+    dims = {"pool": 2048, "spatial": 17 * 17 * ADM_SPATIAL_CHANNELS}
+    fd_names = {"pool": "fid", "spatial": "sfid"}
+    prefix = ""
     num_logits = 1008
     logits_are_data_classes = False
+    note = None
 
     def __init__(self, weights_path: str | None = None, cache_dir: str | None = None, download: bool = False):
         """download: fetch torch-fidelity's release file when weights_path is None and no local copy exists."""
@@ -89,16 +86,22 @@ class InceptionFeatures(nn.Module):
         except OSError as err:  # the download failed (offline node)
             raise FileNotFoundError(missing_inception_message(searched)) from err
         self.weights_file = str(found) if found is not None else INCEPTION_URL
+        self._spatial: torch.Tensor | None = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output) -> None:
+        """[B, 192, 17, 17] -> the first 7 channels, flattened as TF's NHWC [B, 17 * 17 * 7]."""
+        self._spatial = output[:, :ADM_SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(output), -1).float()
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.dtype != torch.uint8:
             raise TypeError(f"Inception features need uint8 images (quantize first), got {images.dtype}")
         if images.shape[1] == 1:  # grayscale data: replicate to RGB, as image viewers do
             images = images.expand(-1, 3, -1, -1)
-        with tf32_disabled():
-            pool, logits = self.net(images.contiguous())
-        return pool, logits
+        pool, logits = self.net(images.contiguous())
+        spatial, self._spatial = self._spatial, None
+        return {"pool": pool, "spatial": spatial, "logits": logits}
 
 
 class DigitsCNN(nn.Module):
@@ -159,7 +162,10 @@ class DigitsFeatures(nn.Module):
     retrains instead of silently reusing a stale classifier. Logits give class-consistency accuracy.
     """
 
+    fd_names = {"pool": "digits_fid"}
+    prefix = "digits_"
     logits_are_data_classes = True
+    note = "digits-CNN features (a small digits classifier): NOT comparable with Inception numbers"
 
     def __init__(self, image_size: int = 16, val_fraction: float = 0.1, split_seed: int = 0, epochs: int = 30,
                  batch_size: int = 64, lr: float = 3e-3, seed: int = 0, width: int = 16, feature_dim: int = 64,
@@ -178,7 +184,7 @@ class DigitsFeatures(nn.Module):
         self.cache_file = cache / "digits_cnn" / f"{key}.pt"
         self.name = f"digits-cnn-{key}"
         self.image_size = image_size
-        self.feature_dim = feature_dim
+        self.dims = {"pool": feature_dim}
         self.num_logits = 10
         self.net = DigitsCNN(width, feature_dim, 10)
         if self.cache_file.is_file():
@@ -201,23 +207,62 @@ class DigitsFeatures(nn.Module):
 
     @torch.no_grad()
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        logits = self(quantize(x))[1]
+        logits = self(quantize(x))["logits"]
         return (logits.argmax(1).cpu() == y).float().mean().item()
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.dtype != torch.uint8:
             raise TypeError(f"digits features need uint8 images (quantize first), got {images.dtype}")
         if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"digits CNN was trained on {self.image_size}x{self.image_size} images, got "
                              f"{tuple(images.shape[-2:])}; set the extractor's image_size to the data's")
-        return self.net(_uint8_to_unit(images))
+        feats, logits = self.net(_uint8_to_unit(images))
+        return {"pool": feats, "logits": logits}
+
+
+def resolve_extractor_names(names, is_digits: bool) -> list[str]:
+    """`auto` -> digits for digits runs, inception otherwise; unknown names fail naming the choices."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"extractor.name is empty; choose from {EXTRACTORS}")
+    out = []
+    for name in names:
+        if name not in EXTRACTORS:
+            raise ValueError(f"extractor.name={name!r}; choose from {EXTRACTORS}")
+        name = ("digits" if is_digits else "inception") if name == "auto" else name
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def build_extractor(name: str, options, data: dict) -> nn.Module:
+    """One extractor by name. options: the `extractor` config block; data: the data config (digits settings)."""
+    opt = dict(options or {})
+    if name == "digits":
+        if not data.get("_target_", "").endswith("DigitsDataModule"):
+            raise ValueError("extractor.name=digits needs digits data (the digits CNN knows only 8x8/16x16/32x32 "
+                             "digits); use inception or dinov2")
+        return DigitsFeatures(image_size=data["image_size"], val_fraction=data.get("val_fraction", 0.1),
+                              split_seed=data.get("seed", 0), epochs=opt.get("digits_epochs", 30),
+                              cache_dir=opt.get("cache_dir"))
+    if name == "inception":
+        return InceptionFeatures(weights_path=opt.get("weights_path"), cache_dir=opt.get("cache_dir"),
+                                 download=bool(opt.get("download", False)))
+    if name == "dinov2":
+        from evaluation.dinov2 import DinoV2Features
+
+        return DinoV2Features(weights_path=opt.get("dinov2_weights_path"), cache_dir=opt.get("cache_dir"))
+    raise ValueError(f"extractor.name={name!r}; choose from {EXTRACTORS}")
 
 
 def extractor_summary(extractor: nn.Module) -> dict:
-    """What to log next to an FID so a reader knows which feature space produced it."""
-    out = {"extractor": extractor.name}
+    """What to record next to the numbers so a reader knows which feature space produced them."""
+    out = {"name": extractor.name}
+    if extractor.note:
+        out["note"] = extractor.note
     if isinstance(extractor, DigitsFeatures):
-        out["extractor_note"] = "digits-FID: penultimate layer of a small digits CNN, not Inception FID"
         out["classifier_val_accuracy"] = extractor.val_accuracy
+    if isinstance(extractor, InceptionFeatures):
+        out["weights"] = extractor.weights_file
     return out

@@ -7,12 +7,11 @@ result does not depend on how the samples were divided between processes, only o
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from evaluation.distributed import all_reduce_sum, rank_world
 
 ADM_IS_SPLIT_SIZE = 5000  # ADM's evaluator scores IS on consecutive chunks of 5,000 samples, in file order
 
@@ -20,23 +19,6 @@ ADM_IS_SPLIT_SIZE = 5000  # ADM's evaluator scores IS on consecutive chunks of 5
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] to uint8 exactly as DiT's sample_ddp.py does, so our FIDs match its .npz files."""
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
-
-
-def _dist_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(flat: torch.Tensor) -> torch.Tensor:
-    """Sum a float64 vector over all ranks (NCCL needs it on the GPU, gloo on the CPU)."""
-    if _dist_world()[1] == 1:
-        return flat
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    buf = flat.to(device=device, dtype=torch.float64).contiguous()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.cpu()
 
 
 class FeatureStats:
@@ -59,11 +41,11 @@ class FeatureStats:
 
     def all_reduce(self) -> FeatureStats:
         """Replace the local sums by the sums over all ranks (a no-op without a process group)."""
-        if _dist_world()[1] == 1:
+        if rank_world()[1] == 1:
             return self
         flat = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64),
                           self.sum.cpu(), self.outer.cpu().reshape(-1)])
-        total = _all_reduce_sum(flat)
+        total = all_reduce_sum(flat)
         self.count = int(round(total[0].item()))
         self.sum = total[1:1 + self.dim].to(self.sum.device)
         self.outer = total[1 + self.dim:].reshape(self.dim, self.dim).to(self.outer.device)
@@ -83,23 +65,51 @@ class FeatureStats:
         return cov.cpu().numpy()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def sqrt_psd(sigma) -> np.ndarray:
+    """The symmetric square root of a symmetric PSD matrix (negative rounding-level eigenvalues clipped)."""
+    s = np.asarray(sigma, np.float64)
+    w, v = np.linalg.eigh(0.5 * (s + s.T))
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, root1: np.ndarray | None = None) -> float:
     """Eq. (31) in float64: ||mu1-mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2).
 
     The trace of the square root is the sum of square roots of the eigenvalues of the symmetric PSD
     matrix S1^1/2 S2 S1^1/2, so scipy.linalg.sqrtm's spurious imaginary parts cannot occur.
+    root1: sqrt_psd(sigma1) when the caller has it already (many distances to one reference).
     """
     mu1, mu2 = np.asarray(mu1, np.float64).reshape(-1), np.asarray(mu2, np.float64).reshape(-1)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    w, v = np.linalg.eigh(0.5 * (s1 + s1.T))
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    root1 = sqrt_psd(s1) if root1 is None else root1
     m = root1 @ s2 @ root1
     eig = np.linalg.eigvalsh(0.5 * (m + m.T))
     tr_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def bootstrap_frechet_std(rows: torch.Tensor, mu_ref, sigma_ref, replicates: int, seed: int = 0) -> float | None:
+    """Spread of the Frechet distance when the N samples [N, D] are resampled with replacement (the
+    reference fixed): the uncertainty of the FID that comes from having N samples.
+
+    Replicates see ~63% distinct samples, so their mean is biased upwards; only their standard deviation
+    is reported. None for fewer than 2 replicates.
+    """
+    if replicates < 2:
+        return None
+    x = rows.to(torch.float64)
+    root_ref = sqrt_psd(sigma_ref)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(replicates):
+        xb = x[torch.randint(len(x), (len(x),), generator=gen).to(x.device)]
+        mu = xb.mean(0)
+        cov = (xb - mu).T @ (xb - mu) / (len(xb) - 1)
+        values.append(frechet_distance(mu_ref, sigma_ref, mu.cpu().numpy(), cov.cpu().numpy(), root1=root_ref))
+    return float(np.std(values, ddof=1))
 
 
 class InceptionScoreStats:
@@ -130,10 +140,10 @@ class InceptionScoreStats:
         self.sum_plogp.index_add_(0, split, torch.special.xlogy(p, p).sum(dim=1))
 
     def all_reduce(self) -> InceptionScoreStats:
-        if _dist_world()[1] == 1:
+        if rank_world()[1] == 1:
             return self
         k = self.sum_p.shape[1]
-        total = _all_reduce_sum(torch.cat([self.count, self.sum_p.reshape(-1), self.sum_plogp]))
+        total = all_reduce_sum(torch.cat([self.count, self.sum_p.reshape(-1), self.sum_plogp]))
         s = self.num_splits
         self.count, self.sum_p, self.sum_plogp = total[:s], total[s:s + s * k].reshape(s, k), total[s + s * k:]
         return self
@@ -151,39 +161,3 @@ class InceptionScoreStats:
         if not scores:
             raise ValueError("no logits were accumulated")
         return float(np.mean(scores))
-
-
-def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, count: int, extractor: str) -> Path:
-    """Write reference statistics atomically (tmp + rename) so a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                 count=np.int64(count), extractor=np.array(extractor))
-    os.replace(tmp, path)
-    return path
-
-
-def load_stats(path: str | os.PathLike, extractor: str | None = None) -> dict:
-    """Read mu/sigma from our .npz or ADM's reference batch (VIRTUAL_imagenet256_labeled.npz).
-
-    ADM's files carry no extractor id; they are Inception pool features, so they are accepted for any
-    Inception extractor. A file written for a different extractor is refused: that FID would be garbage.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference statistics {path} do not exist")
-    with np.load(path, allow_pickle=False) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise KeyError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(data.keys())}); "
-                           "reference stats must be an .npz with mu and sigma, like ADM's reference batches")
-        stored = str(data["extractor"]) if "extractor" in data else None
-        out = {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64),
-               "count": int(data["count"]) if "count" in data else None, "extractor": stored}
-    if extractor is not None:
-        same = stored == extractor if stored is not None else extractor.startswith("inception")
-        if not same:
-            raise ValueError(f"{path} holds statistics of extractor {stored or 'inception (ADM file)'}, "
-                             f"but features come from {extractor}; recompute the reference statistics")
-    return out
