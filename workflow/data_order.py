@@ -24,10 +24,12 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 class ResumableSampler(DistributedSampler):
-    """Epoch e's order is randperm(n) seeded by seed + e (never the global RNG); rank r takes every world-th
-    index from r. `skip` indices of this rank's share are skipped once, to continue an epoch after a resume.
+    """Pass e's order is randperm(n) seeded by seed + e (never the global RNG); rank r takes every world-th
+    index from r, skipping the first `skip` of its share (to continue a pass after a resume).
 
-    A DistributedSampler subclass, so Lightning keeps it under DDP instead of wrapping it.
+    A DistributedSampler subclass, so Lightning keeps it under DDP instead of wrapping it. `epoch` and `skip`
+    are set by ResumableLoader, which counts passes itself: Lightning's epoch counter is not the data's (a run
+    stopped by max_steps in the middle of a pass counts that epoch as finished).
     """
 
     def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int | None = None,
@@ -35,7 +37,7 @@ class ResumableSampler(DistributedSampler):
         rank, world_size = _rank_and_world(rank, world_size)
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.skip = 0  # indices of this epoch's share already consumed before a resume
+        self.skip = 0  # indices of this pass's share already consumed before a resume
 
     def epoch_indices(self) -> list[int]:
         """This rank's share of epoch `self.epoch`, in order (padded by wrapping when not drop_last)."""
@@ -52,14 +54,10 @@ class ResumableSampler(DistributedSampler):
         return order[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        skip, self.skip = self.skip, 0  # a resume offset applies to one pass only
-        return iter(self.epoch_indices()[skip:])
+        return iter(self.epoch_indices()[self.skip:])
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this before every epoch; a pending resume offset survives a call with its own epoch."""
-        if epoch != self.epoch:
-            self.skip = 0
-        self.epoch = epoch
+        """Ignored: Lightning calls it with its epoch counter; ResumableLoader sets the pass (see above)."""
 
 
 def ignore_scheduler_signals(worker_id: int) -> None:
@@ -84,8 +82,10 @@ class _WorkerInit:
 class ResumableLoader(DataLoader):
     """A training DataLoader over a ResumableSampler whose position Lightning saves in the checkpoint.
 
-    It counts the batches it hands to the training loop (Lightning does not prefetch from a sized loader), so
-    `state_dict()` is the number of samples of the current epoch whose optimizer steps are in the checkpoint.
+    Every iteration is the next pass over the data. It counts the batches it hands to the training loop
+    (Lightning does not prefetch from a sized loader), so `state_dict()` holds the pass and the number of its
+    samples whose optimizer steps are in the checkpoint; after `load_state_dict` the next iteration yields the
+    rest of that pass (a short epoch for Lightning), then the passes continue as in an uninterrupted run.
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, drop_last: bool = True,
@@ -94,10 +94,14 @@ class ResumableLoader(DataLoader):
         sampler = ResumableSampler(dataset, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                          worker_init_fn=_WorkerInit(worker_init_fn), **kwargs)
-        self.consumed = 0  # samples of this rank's share of the current epoch handed out so far
+        self.consumed = 0  # samples of this rank's share of the current pass handed out so far
+        self._resume: tuple[int, int] | None = None  # (pass, consumed) from a checkpoint, for the next iteration
+        self._next_pass = 0
 
     def __iter__(self) -> Iterator[Any]:
-        self.consumed = self.sampler.skip if self.sampler.skip else 0
+        sampler = self.sampler
+        sampler.epoch, sampler.skip = self._resume if self._resume is not None else (self._next_pass, 0)
+        self._resume, self._next_pass, self.consumed = None, sampler.epoch + 1, sampler.skip
         for batch in super().__iter__():
             self.consumed += self.batch_size
             yield batch
@@ -111,8 +115,10 @@ class ResumableLoader(DataLoader):
             raise ValueError(f"the checkpoint's data order was seeded with seed={state['seed']}, this run has "
                              f"seed={self.sampler.seed}: resume with the same seed")
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if consumed >= self.sampler.num_samples:  # saved at the end of an epoch: the next one starts afresh
+        share = self.sampler.num_samples
+        if self.drop_last:
+            share -= share % self.batch_size  # the samples of the full batches
+        if consumed >= share:  # saved at the end of a pass: the next one starts afresh
             epoch, consumed = epoch + 1, 0
-        self.sampler.epoch = epoch
-        self.sampler.skip = consumed
-        self.consumed = consumed
+        self._resume = (epoch, consumed)
+        self.sampler.epoch, self.sampler.skip, self.consumed = epoch, consumed, consumed

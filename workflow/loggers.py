@@ -107,7 +107,11 @@ class HistoryWriter(ExperimentWriter):
                 rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
             if not self.trimmed:
                 rows = [r for r in rows if int(r["step"]) < self.segment_start]
-        rows += self.metrics
+        for row in self.metrics:  # one row per step (Lightning logs a step's train and val metrics separately)
+            if rows and int(rows[-1]["step"]) == row["step"]:
+                rows[-1].update(row)
+            else:
+                rows.append(row)
         tmp = self.metrics_file_path + ".tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=sorted(set().union(*rows)))
