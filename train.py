@@ -9,8 +9,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from workflow.config import CONFIG_ERROR_EXIT, ConfigError, say
+from workflow.logs import one_line_per_message, register_resolvers
 
 # torch/lightning are imported inside the functions that need them, so a config error fails in a second.
+register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -22,6 +24,7 @@ def main(cfg: DictConfig) -> float | None:
     from workflow.build import build_run, last_ckpt_path
     from workflow.preemption import PREEMPTED_EXIT_CODE, Preemption
 
+    one_line_per_message()
     try:
         run = build_run(cfg)
     except ConfigError as e:  # the message names the key and the choices; a traceback adds nothing
