@@ -133,6 +133,10 @@ def composition_error(error: Exception, overrides: list[str], config_dir: str) -
         return f"{group}={name} is not an option of {group}; choose one of {', '.join(sorted(error.options))}"
     if isinstance(error, OverrideParseException):
         return f"cannot parse the override: {text.splitlines()[0]}"
+    if "appears more than once in the final defaults list" in text:  # e.g. +callbacks@callbacks.fid=fid
+        entry = text.split(" appears more than once")[0].split()[-1]
+        return (f"{entry} is in the config already (conf/train.yaml or the experiment lists it): drop the "
+                f"+{entry}=... override and set its keys directly")
     if "Could not override '" in text or "Could not append to config. An item is already at '" in text:
         key = text.split("'")[1]
         parent, _, leaf = key.rpartition(".")
@@ -147,13 +151,13 @@ def composition_error(error: Exception, overrides: list[str], config_dir: str) -
     return " ".join(line.strip() for line in text.splitlines()[:2] if line.strip())
 
 
-def _compose(overrides: list[str], config_dir: str, hydra: bool = False) -> DictConfig:
+def _compose(overrides: list[str], config_dir: str, hydra: bool = False, config_name: str = "train") -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra)
+        return compose(config_name, overrides=overrides, return_hydra_config=hydra)
 
 
 def _keys_without(parent: str, overrides: list[str], config_dir: str) -> list[str] | None:
