@@ -14,8 +14,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from workflow.build import build_objective
-from workflow.config import (CONFIG_ERROR_EXIT, ConfigError, check_machine, check_resolves, preflight, say, validate,
-                             validate_built)
+from workflow.config import (
+    CONFIG_ERROR_EXIT,
+    ConfigError,
+    check_machine,
+    check_resolves,
+    preflight,
+    say,
+    validate,
+    validate_built,
+)
 from workflow.logs import one_line_per_message, register_resolvers
 from workflow.sweep import FAILED_JOBS, swept_dirname, swept_keys, write_job_record
 

@@ -7,16 +7,14 @@ import csv
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from conftest import ROOT, offline_env, run_train
-from probes import wandb_records
 from hydra import compose, initialize_config_dir
+from probes import wandb_records
 
 from gen_objectives.module import GenerativeModule
 from workflow.build import build_objective, build_run
