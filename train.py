@@ -80,6 +80,10 @@ def fit(cfg: DictConfig) -> dict:
         + (f"\nsample grid: {os.path.abspath(grids[-1])}" if grids else ""))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                if k in ("train/loss", "val/loss") or k.startswith("fid/")}
+    for callback in run.callbacks:  # FIDCallback keeps its last evaluation in `last_metrics` (sent to the loggers)
+        for key, value in (getattr(callback, "last_metrics", None) or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[f"fid/{key}"] = float(value)
     return {"step": trainer.global_step, "metrics": metrics}
 
 
