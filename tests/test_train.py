@@ -19,6 +19,8 @@ from probes import wandb_records
 from gen_objectives.module import GenerativeModule
 from workflow.build import build_objective, build_run
 from workflow.config import ConfigError, check_machine, check_resolves, validate, validate_built
+from workflow.hardware import cpu_has_native_bf16
+from workflow.progress import StepProgressBar
 
 CONF = str(ROOT / "conf")
 OBJECTIVES = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "objective")) if f.endswith(".yaml"))
@@ -30,16 +32,21 @@ def read_metrics(path) -> list[dict]:
 
 
 def test_train_writes_checkpoint_metrics_and_grid(tmp_path, tiny_args):
+    """Also #15 item 4: trainer.precision=auto on this CPU is bf16-mixed only with native bf16, and says so."""
     run = tmp_path / "run"
-    proc = run_train([*tiny_args, "objective=score", "trainer.max_steps=3", f"hydra.run.dir={run}"])
+    proc = run_train([*tiny_args, "objective=score", "trainer.max_steps=3", "trainer.precision=auto",
+                      f"hydra.run.dir={run}"])
     assert f"run folder: {run}" in proc.stdout
     assert "_target_: backbones.dit.DiT" in proc.stdout  # the resolved config is printed
+    precision = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    assert f"trainer.precision=auto -> {precision} (CPU " in proc.stdout
 
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)  # plain types only: loadable without unpickling code
     assert ckpt["global_step"] == 3
     cfg = ckpt["hyper_parameters"]["cfg"]
     assert isinstance(cfg, dict) and cfg["objective"]["_target_"].endswith("ScoreObjective")
+    assert cfg["trainer"]["precision"] == precision
     assert cfg["run_dir"] == str(run) and cfg["model"]["input_size"] == 8
     net_keys = {k[len("net."):] for k in ckpt["state_dict"] if k.startswith("net.")}
     assert set(ckpt["ema"]) == net_keys
@@ -209,3 +216,13 @@ def test_runs_differing_only_in_objective_see_the_same_data(tmp_path, tiny_args)
                    f"hydra.run.dir={tmp_path / objective}"], env=env)
         seen[objective] = json.loads(path.read_text())
     assert len(seen["flow"]) == 3 and seen["diffusion"] == seen["flow"]
+
+
+def test_progress_bar_counts_steps_not_epochs_to_minus_two(tmp_path):
+    """#11: with max_epochs=-1 (training bounded by steps) Lightning's bar read `Epoch 48/-2`."""
+    import lightning as L
+
+    bar = StepProgressBar()
+    trainer = L.Trainer(max_steps=2000, max_epochs=-1, callbacks=[bar], logger=False, default_root_dir=tmp_path)
+    assert bar._get_train_description(48) == "Epoch 48"
+    assert bar.get_metrics(trainer, None)["step"] == "0/2000"
