@@ -40,6 +40,8 @@ def test_train_writes_checkpoint_metrics_and_grid(tmp_path, tiny_args):
     assert "_target_: backbones.dit.DiT" in proc.stdout  # the resolved config is printed
     precision = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     assert f"trainer.precision=auto -> {precision} (CPU " in proc.stdout
+    assert proc.stdout.count("`Trainer.fit` stopped: `max_steps=3` reached.") == 1  # printed once, not twice
+    assert "`Trainer.fit` stopped" in (run / "train.log").read_text()
 
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)  # plain types only: loadable without unpickling code
