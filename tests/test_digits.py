@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from datamodules.digits import DigitsDataModule, load_digits_tensors
+from workflow.data_order import ResumableSampler
 
 
 @pytest.mark.parametrize("size", [8, 16])
@@ -44,3 +45,29 @@ def test_bad_values_name_the_key():
         DigitsDataModule(channels=3)
     dm = DigitsDataModule()
     assert torch.equal(dm.decode(torch.tensor([2.0, -3.0, 0.5])), torch.tensor([1.0, -1.0, 0.5]))
+
+
+def test_training_order_is_seeded_resumable_and_split_over_ranks():
+    """The order is a function of shuffle_seed (not the global RNG); a loader restored from another's state after 3
+    batches yields that loader's 4th batch; two ranks get disjoint halves of each pass."""
+    dm = DigitsDataModule(image_size=8, batch_size=64, shuffle_seed=7)
+    dm.setup()
+    first = dm.train_dataloader()
+    torch.manual_seed(123)  # the global RNG does not matter
+    batches = [y for _, y in first]
+    torch.manual_seed(456)
+    assert all(torch.equal(a, b) for a, b in zip(batches, [y for _, y in dm.train_dataloader()]))
+    assert len(batches) == 1617 // 64
+
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "consumed": 3 * 64, "seed": 7}  # the second pass over the data
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    assert torch.equal(next(iter(resumed))[1], next(it)[1])
+    assert len(list(resumed)) == len(batches)  # the pass after the resumed one is whole again
+
+    shares = [set(ResumableSampler(dm.train_set, seed=7, rank=r, world_size=2)) for r in (0, 1)]
+    assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == 1617 - 1617 % 2
