@@ -44,7 +44,7 @@ eval: install
 # a sample grid + ADM .npz from a checkpoint or published weights: make sample CKPT=path [ARGS="cfg_scale=4"],
 # make sample ARGS="experiment=published_dit_xl" (weights from `make assets ARGS="--published dit_xl"`)
 sample: install
-	$(PYTHON) sample.py $(if $(CKPT),"ckpt='$(CKPT)'") $(ARGS)
+	$(PYTHON) sample.py "ckpt='$(CKPT)'" $(ARGS)
 
 # The latent cache, built once before training (docs/DATA.md). LAUNCH runs it on several GPUs:
 #   make latents LAUNCH="$(BIN)/torchrun --standalone --nproc_per_node=8 --no-python" ARGS="data.root=..."

@@ -98,6 +98,8 @@ def check_python(argv: list[str]) -> None:
         check_hydra("train", rest)
     elif script == "evaluate.py":
         check_hydra("eval", rest)
+    elif script == "sample.py":
+        check_hydra("sample", rest)
     else:
         source = (ROOT / script).read_text()
         for flag in (a.split("=", 1)[0] for a in rest if a.startswith("--")):
