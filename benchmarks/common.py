@@ -123,13 +123,14 @@ def gpu_info() -> dict | None:
     }
 
 
-def command_line() -> str:
-    """How this process was started (`python <script> <args>`), paths relative to the checkout when inside it."""
-    argv = [sys.argv[0].replace(str(REPO_ROOT) + "/", ""), *sys.argv[1:]] if sys.argv else []
-    return "python " + shlex.join(argv)
+def command_line(script: str | None = None, argv: list[str] | None = None) -> str:
+    """`python <script> <args>` of this run (default: this process's own), paths relative to the checkout."""
+    if script is None:
+        script, argv = (sys.argv[0], sys.argv[1:]) if sys.argv else ("", [])
+    return "python " + shlex.join([str(script).replace(str(REPO_ROOT) + "/", ""), *map(str, argv or [])])
 
 
-def machine_info() -> dict:
+def machine_info(command: str | None = None) -> dict:
     """Everything a reader needs to know which machine and software produced a number."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None  # shared machines drift
     info = {
@@ -147,7 +148,7 @@ def machine_info() -> dict:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "load_avg_1min": load[0] if load else None,
         "load_avg_1_5_15": list(load) if load else None,
-        "command": command_line(),
+        "command": command or command_line(),
         **{f"git_{k}": v for k, v in git_commit().items()},
     }
     return info

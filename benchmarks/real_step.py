@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from benchmarks.common import REPO_ROOT, datasheet_peak, machine_info, write_json  # noqa: E402
+from benchmarks.common import REPO_ROOT, command_line, datasheet_peak, machine_info, write_json  # noqa: E402
 from benchmarks.train_step import dit_forward_flops, matmul_flops_per_s  # noqa: E402
 
 OBJECTIVES = ("diffusion", "score", "flow")
@@ -226,7 +226,7 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> None:
 def train_overrides(args, objective: str, precision: str, batch: int, compile_: bool, data: dict,
                     run_dir: Path, timer_out: Path) -> list[str]:
     """The train.py command line of one measurement (callbacks other than the timer set to null)."""
-    base = [f"data=latent_imagenet", f"model={args.model}", f"objective={objective}",
+    base = ["data=latent_imagenet", f"model={args.model}", f"objective={objective}",
             f"trainer={'cpu' if args.device == 'cpu' else 'default'}", "logger=csv",
             *(f"{k}={v}" for k, v in data.items()), f"data.batch_size={batch}", "global_batch_size=null",
             "data.val_size=0", f"data.num_workers={args.num_workers}", "data.progress=false",
@@ -314,6 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=256, help="synthetic image size (latents resolution/8)")
     p.add_argument("--hand-written", action=argparse.BooleanOptionalAction, default=True,
                    help="also time benchmarks/train_step.py (the lower bound) for every configuration")
+    p.add_argument("--hand-written-compiled", action=argparse.BooleanOptionalAction, default=True,
+                   help="the hand-written step also for compile=on (each is one more compile)")
     p.add_argument("--profile-sdpa", action=argparse.BooleanOptionalAction, default=True,
                    help="profile one extra step to record the attention (SDPA) kernels used")
     p.add_argument("--matmul-size", type=int, default=2048)
@@ -331,7 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)
     with tempfile.TemporaryDirectory(prefix="real_step_") as tmp:
         work = Path(args.workdir or tmp).resolve()
         return run(args, work)
@@ -351,7 +355,8 @@ def run(args, work: Path) -> dict:
             for compile_ in (c == "on" for c in args.compile):
                 for precision in args.precisions:
                     tag = f"b{batch}_{'compiled' if compile_ else 'eager'}_{precision}_r{rnd}"
-                    if args.hand_written and precision in HAND_WRITTEN:
+                    if args.hand_written and precision in HAND_WRITTEN and (args.hand_written_compiled
+                                                                            or not compile_):
                         out = work / f"hand_{tag}.json"
                         cmd = hand_written_argv(args, net_cfg, precision, batch, compile_, out)
                         print(f"[real_step] hand-written {tag}", flush=True)
@@ -382,7 +387,7 @@ def run(args, work: Path) -> dict:
         "model": args.model,
         "net": {k: net_cfg[k] for k in ("patch_size", "hidden_size", "depth", "num_heads", "input_size",
                                         "in_channels", "num_classes")},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
         "cache": {"images": images, "resolution": args.resolution,
                   "latent_shape": [4, args.resolution // 8, args.resolution // 8],
                   "vae": "tiny random AutoencoderKL (4 levels) as data.vae_local_path, NOT the SD VAE: only "
@@ -392,7 +397,7 @@ def run(args, work: Path) -> dict:
         "records": records,
         "comparisons": compare(records),
         "seconds": time.time() - t0,
-        "machine": machine_info(),
+        "machine": machine_info(args.command),
     }
     write_json(args.out, result)
     print(f"[real_step] wrote {args.out}", flush=True)

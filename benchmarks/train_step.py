@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from backbones.dit import DiT, dit_preset  # noqa: E402
-from benchmarks.common import datasheet_peak, machine_info, write_json  # noqa: E402
+from benchmarks.common import command_line, datasheet_peak, machine_info, write_json  # noqa: E402
 from workflow.hardware import relevant_cpu_flags  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16-mixed")
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16_speedup_vs_fp32_cpu_time": (by_precision["fp32"]["step_cpu_time_s_median"]
                                           / by_precision["bf16-mixed"]["step_cpu_time_s_median"])
         if {"fp32", "bf16-mixed"} <= by_precision.keys() and device.type == "cpu" else None,
-        "machine": machine_info(),
+        "machine": machine_info(command_line(__file__, argv)),
     }
     write_json(args.out, result)
     print(f"[train_step] wrote {args.out}")
