@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib.util
 import os
 import signal
 import subprocess
@@ -18,16 +17,10 @@ from conftest import ROOT, offline_env, run_train
 from hydra import compose, initialize_config_dir
 
 from gen_objectives.module import GenerativeModule
+from workflow.config import ConfigError, validate_built
 
 CONF = str(ROOT / "conf")
 OBJECTIVES = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "objective")) if f.endswith(".yaml"))
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def read_metrics(path) -> list[dict]:
@@ -89,12 +82,11 @@ def test_bad_objective_key_names_key_and_choices(tiny_args):
     ("global_batch_size=100", ["global_batch_size", "not divisible"]),
 ])
 def test_validation_names_key_and_choices(override, expected):
-    train = load_train_module()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=digits", "objective=flow", "trainer.devices=8", override])
     from hydra.utils import instantiate
-    with pytest.raises(train.ConfigError) as err:
-        train.validate(cfg, instantiate(cfg.objective))
+    with pytest.raises(ConfigError) as err:
+        validate_built(cfg, instantiate(cfg.objective))
     for text in expected:
         assert text in str(err.value)
 

@@ -1,0 +1,97 @@
+"""build_run(cfg): every object train.py trains with, built from one composed config (benchmarks reuse it)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from workflow.config import ConfigError, objective_choice, say, validate_built
+
+
+@dataclass
+class Run:
+    """What `trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)` needs, plus its parts."""
+
+    datamodule: Any
+    net: Any
+    objective: Any
+    module: Any
+    callbacks: list
+    logger: Any
+    trainer: Any
+    ckpt_path: str | None = None
+    run_dir: str = ""
+
+
+def build_objective(cfg: DictConfig):
+    """Instantiates the objective, turning constructor errors into a ConfigError naming the config group."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.objective)
+    except Exception as e:  # hydra wraps the constructor's ValueError; show its own message
+        cause = e.__cause__ or e
+        raise ConfigError(f"invalid objective config (objective={objective_choice(cfg)}): {cause}") from e
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
+    """'last' -> the newest of <run_dir>/checkpoints/last*.ckpt and SLURM's hpc_ckpt_*.ckpt, else None."""
+    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        say("requeued SLURM job: resuming from this run's last checkpoint")
+        ckpt_path = "last"
+    if ckpt_path != "last":
+        return ckpt_path
+    found = glob.glob(os.path.join(run_dir, "checkpoints", "last*.ckpt")) + \
+        glob.glob(os.path.join(run_dir, "hpc_ckpt_*.ckpt"))
+    if not found:
+        say(f"ckpt_path=last: no checkpoint under {run_dir} yet; starting from scratch")
+        return None
+    return max(found, key=os.path.getmtime)
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Builds data, network, objective, module, callbacks, logger and trainer from a composed train config.
+
+    Raises ConfigError (one line naming the key and the choices) for invalid values. `cfg.data.batch_size` is
+    set from `global_batch_size` when that is given.
+    """
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from gen_objectives.module import GenerativeModule
+    from workflow.loggers import build_logger
+    from workflow.slurm import slurm_plugins
+
+    run_dir = os.path.abspath(cfg.run_dir)
+    objective = build_objective(cfg)
+    validate_built(cfg, objective)
+    if cfg.global_batch_size is not None:
+        with open_dict(cfg):
+            cfg.data.batch_size = cfg.global_batch_size // (cfg.trainer.devices * cfg.trainer.num_nodes)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # same init on every rank; per-rank streams in the module
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model)
+    sample_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    module = GenerativeModule(net, objective, **OmegaConf.to_container(cfg.module, resolve=True),
+                              sample_shape=sample_shape, seed=cfg.seed, compile=cfg.compile, cfg=plain_cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.trainer.get("enable_progress_bar") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
+    logger = build_logger(cfg, run_dir)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=slurm_plugins())
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    return Run(datamodule=datamodule, net=net, objective=objective, module=module, callbacks=callbacks,
+               logger=logger, trainer=trainer, ckpt_path=ckpt_path, run_dir=run_dir)
