@@ -43,7 +43,7 @@ def train_step_cmd(out: Path, quick: bool) -> list[str]:
 
 def real_step_cmd(out: Path, quick: bool) -> list[str]:
     """What users run (train.py per objective, fp32 and bf16-mixed) beside the hand-written step, DiT-S/2 batch 4."""
-    cmd = [PY, "benchmarks/real_step.py", "--out", str(out)]
+    cmd = [PY, "benchmarks/real_step.py", "--rounds", "1" if quick else "2", "--out", str(out)]
     if quick:
         cmd += ["--resolution", "64", "--warmup", "1", "--steps", "2", "--matmul-size", "256", "--matmul-repeats", "1",
                 "--override", "model.depth=1", "--override", "model.hidden_size=64", "--override", "model.num_heads=2"]
