@@ -127,7 +127,7 @@ def command_line(script: str | None = None, argv: list[str] | None = None) -> st
     """`python <script> <args>` of this run (default: this process's own), paths relative to the checkout."""
     if script is None:
         script, argv = (sys.argv[0], sys.argv[1:]) if sys.argv else ("", [])
-    return "python " + shlex.join([str(script).replace(str(REPO_ROOT) + "/", ""), *map(str, argv or [])])
+    return "python " + shlex.join(str(a).replace(str(REPO_ROOT) + "/", "") for a in [script, *(argv or [])])
 
 
 def machine_info(command: str | None = None) -> dict:

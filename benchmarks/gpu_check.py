@@ -141,23 +141,26 @@ def loader_throughput(device: torch.device, data: dict, batch: int, workers: int
                                           "pin_memory": bool(dm.pin_memory and device.type == "cuda")}
     print(f"[gpu_check] loader (datamodule, CPU posterior): {n / wall:,.0f} latents/s", flush=True)
 
-    # posterior on the device: gather fp16 mean/std rows into pinned buffers, sample there
+    # posterior on the device: gather fp16 mean/std rows of the cache into pinned buffers, sample there
+    ds = dm.train_set
+    scale, shift = float(ds.scale_factor), float(getattr(ds, "shift_factor", 0.0))  # latent = (z - shift) * scale
     cache = Path(dm.cache_dir)
-    mean = np.load(cache / "mean.npy", mmap_mode="r")  # [N, 2 flips, C, h, w] float16, unscaled
+    mean = np.load(cache / "mean.npy", mmap_mode="r")  # [N, 2 flips, C, h, w] float16, raw posterior mean
     std = np.load(cache / "std.npy", mmap_mode="r")
     flat_mean, flat_std = mean.reshape(-1, int(np.prod(mean.shape[2:]))), std.reshape(-1, int(np.prod(std.shape[2:])))
+    rows_all = np.asarray(ds.indices) if getattr(ds, "indices", None) is not None else np.arange(mean.shape[0])
     pin = device.type == "cuda"
     host = [torch.empty(batch, flat_mean.shape[1], dtype=torch.float16, pin_memory=pin) for _ in range(2)]
     rng = np.random.default_rng(0)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def device_posterior_batch() -> int:
-        rows = rng.integers(0, mean.shape[0], batch) * 2 + rng.integers(0, 2, batch)  # item, random flip
+        rows = rows_all[rng.integers(0, len(rows_all), batch)] * 2 + rng.integers(0, 2, batch)  # item, random flip
         np.take(flat_mean, rows, axis=0, out=host[0].numpy())
         np.take(flat_std, rows, axis=0, out=host[1].numpy())
         mu, sd = (h.to(device, non_blocking=True) for h in host)
         eps = torch.randn(mu.shape, generator=gen, device=device, dtype=torch.float32)
-        x = (mu.float() + sd.float() * eps).mul_(dm.scale_factor).view(batch, *mean.shape[2:])  # [B, C, h, w]
+        x = (mu.float() + sd.float() * eps).sub_(shift).mul_(scale).view(batch, *mean.shape[2:])  # [B, C, h, w]
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # host buffers are reused next batch
         return x.shape[0]

@@ -95,7 +95,7 @@ def test_datasheet_peak_of_the_exact_device_or_unknown():
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or shutil.which("nvidia-smi") is not None,
-                    reason="checks the no-GPU failure")
+                    reason="checks the failure path where nvidia-smi and torch see no device")
 def test_gpu_check_fails_with_one_line_without_a_gpu():
     for cmd in (["bash", "benchmarks/gpu_check.sh"], [sys.executable, "benchmarks/gpu_check.py"]):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -155,7 +155,7 @@ def test_results_md_takes_each_sections_machine_from_its_own_file(tiny_run, benc
     real = md.split("## Training step as users run it")[1].split("\n## ")[0]
     own = json.loads((results / "bench_real_step.json").read_text())["machine"]
     assert f"commit {own['git_commit'][:10]}" in real and "avx512_bf16+" in real
-    assert "| diffusion (train.py) | 32-true → 32-true | 4 | off |" in real and "| hand-written |" in real
+    assert "| 0 | diffusion (train.py) | 32-true → 32-true | 4 | off |" in real and "| hand-written |" in real
     assert "machine: not recorded in this result file" in md.split("## latent_loader.json")[1]
     check = md.split("## GPU check")[1]
     assert "GPU NVIDIA H100 PCIe (datasheet: H100 PCIe)" in check and "Phase loader FAILED" in check
