@@ -44,6 +44,12 @@ def test_train_step_json_fields(tmp_path):
         "--device", "cpu", "--out", str(out),
     ])
     on_disk = json.loads(out.read_text())
+    # each precision in its own process, so each peak memory is its own (#15 item 3)
+    assert on_disk["separate_processes"] and len({r["pid"] for r in on_disk["runs"]}) == 2
+    machine = on_disk["machine"]  # provenance in the file itself
+    assert machine["cpu_flags"]["avx512_bf16"] == ("avx512_bf16" in Path("/proc/cpuinfo").read_text())
+    assert machine["git_commit"] and machine["git_dirty"] in (True, False) and machine["load_avg_1_5_15"]
+    assert "train_step" in machine["command"] and machine["torch"] == torch.__version__
     assert on_disk["runs"] == json.loads(json.dumps(result["runs"]))
     assert on_disk["model"] == "DiT-S/2" and on_disk["device"] == "cpu" and on_disk["threads"] >= 1
     assert [r["precision"] for r in on_disk["runs"]] == ["fp32", "bf16-mixed"]
@@ -63,9 +69,3 @@ def test_train_step_json_fields(tmp_path):
         assert run["params"] > 0 and run["host_syncs_in_timed_loop"] is None
     assert on_disk["bf16_speedup_vs_fp32"] > 0 and on_disk["bf16_speedup_vs_fp32_cpu_time"] > 0
     assert set(on_disk["cpu_flags"]) >= {"avx512_bf16", "amx_bf16"}
-    # each precision in its own process, so each peak memory is its own (#15 item 3)
-    assert on_disk["separate_processes"] and len({r["pid"] for r in on_disk["runs"]}) == 2
-    machine = on_disk["machine"]  # provenance in the file itself
-    assert machine["cpu_flags"]["avx512_bf16"] == ("avx512_bf16" in Path("/proc/cpuinfo").read_text())
-    assert machine["git_commit"] and machine["git_dirty"] in (True, False) and machine["load_avg_1_5_15"]
-    assert "train_step" in machine["command"] and machine["torch"] == torch.__version__
