@@ -401,7 +401,7 @@ def run(args, work: Path) -> dict:
     }
     write_json(args.out, result)
     print(f"[real_step] wrote {args.out}", flush=True)
-    for c in result["comparisons"]:
+    for c in (c for c in result["comparisons"] if c.get("ratio_wall")):
         print(f"[real_step] {c['objective']} {c['precision']} b={c['batch_size']} compile={c['compile']}: "
               f"real/hand-written {c['ratio_wall']:.3f} (wall)"
               + (f", {c['ratio_cpu_time']:.3f} (CPU time)" if c.get("ratio_cpu_time") else ""), flush=True)
