@@ -1,4 +1,4 @@
-"""Keeps <run_dir>/checkpoints/last.ckpt current: written when training ends and when SIGTERM stops it."""
+"""The one writer of <run_dir>/checkpoints/last.ckpt, the state `ckpt_path=last` resumes from."""
 
 from __future__ import annotations
 
@@ -6,25 +6,45 @@ import os
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 
 class LastCheckpoint(L.Callback):
-    """Saves `<dirpath>/last.ckpt` at the end of fit and on SIGTERM (SLURM pre-emption, scancel)."""
+    """Writes `<dirpath>/last.ckpt` every `every_n_train_steps` optimizer steps, at the end of fit and when a
+    pre-emption stops training (workflow/preemption.py), atomically (tmp file + rename).
 
-    # Lightning's ModelCheckpoint refreshes last.ckpt only together with a periodic checkpoint, so a run ending
-    # between two of them would otherwise resume from an older step. Other exceptions (e.g. a non-finite loss)
-    # write nothing, so the last good checkpoint stays as it was.
+    It is the only writer of last.ckpt (ModelCheckpoint keeps `save_last: false`), so last.ckpt is always the
+    newest state and no `last-v1.ckpt` appears. A non-finite loss or any other error writes nothing: the last
+    good checkpoint stays as it was.
+    """
 
-    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
+    def __init__(self, dirpath: str, every_n_train_steps: int = 1000, filename: str = "last.ckpt"):
+        if every_n_train_steps < 0:
+            raise ValueError(f"last_ckpt_every_n_steps={every_n_train_steps} must be >= 0 (0: only at the end "
+                             "and on pre-emption)")
         self.path = os.path.join(dirpath, filename)
+        self.every_n_train_steps = every_n_train_steps
+        self.saved_step: int | None = None
+
+    def save(self, trainer: L.Trainer) -> None:
+        """All ranks call it (the module's checks are collective); rank 0 writes, then renames into place."""
+        tmp = self.path + ".tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier("last_checkpoint")
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if (self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self.saved_step
+                and not trainer.fit_loop._should_accumulate()):
+            self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step > 0:
-            trainer.save_checkpoint(self.path, weights_only=False)
+        if trainer.global_step > 0 and trainer.global_step != self.saved_step:
+            self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
-            return
-        trainer.save_checkpoint(self.path, weights_only=False)
-        rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {self.path}; resume with ckpt_path=last")
+        if isinstance(exception, SIGTERMException) and trainer.global_step not in (0, self.saved_step):
+            self.save(trainer)

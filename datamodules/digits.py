@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
+from workflow.data_order import ResumableLoader, ignore_scheduler_signals
+
 VALID_SIZES = (8, 16, 32)
 
 
@@ -51,6 +53,7 @@ class DigitsDataModule(L.LightningDataModule):
         drop_last: bool = True,
         channels: int = 1,
         num_classes: int = 10,
+        shuffle_seed: int = 0,
     ):
         super().__init__()
         # channels/num_classes are config keys other groups interpolate; for digits they are fixed.
@@ -67,6 +70,7 @@ class DigitsDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.drop_last = drop_last
+        self.shuffle_seed = shuffle_seed  # the training order: a function of (shuffle_seed, epoch, rank) only
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -78,23 +82,21 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
 
-    def _loader(self, dataset: TensorDataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=min(self.batch_size, len(dataset)),
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled from `shuffle_seed` (not the global RNG), resumable mid-epoch, this rank's share under DDP."""
         self.setup()
-        return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+        trainer = self.trainer
+        return ResumableLoader(
+            self.train_set, batch_size=min(self.batch_size, len(self.train_set)), seed=self.shuffle_seed,
+            drop_last=self.drop_last, rank=trainer.global_rank if trainer else None,
+            world_size=trainer.world_size if trainer else None, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.val_set, shuffle=False, drop_last=False)
+        return DataLoader(self.val_set, batch_size=min(self.batch_size, len(self.val_set)), shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          worker_init_fn=ignore_scheduler_signals if self.num_workers else None)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Digits live in pixel space already: decoding is clamping to the image range."""

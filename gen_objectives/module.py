@@ -19,7 +19,7 @@ EMA_DEFAULTS = {"decay": 0.9999, "start_step": 0, "warmup": False}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the training loss is NaN/inf; the optimizer step is skipped so the weights stay finite."""
+    """Raised on every rank when a training loss was NaN/inf; no checkpoint is written after it."""
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -63,20 +63,23 @@ class GenerativeModule(L.LightningModule):
         seed: int = 0,
         t_buckets: int = 10,
         t_bucket_every_n_steps: int = 100,
+        nonfinite_check_every_n_steps: int = 100,
         compile: bool = False,
         cfg: dict | None = None,
     ):
         super().__init__()
-        if t_buckets < 1 or t_bucket_every_n_steps < 1:
-            raise ValueError(f"module.t_buckets={t_buckets} and module.t_bucket_every_n_steps="
-                             f"{t_bucket_every_n_steps} must be >= 1")
+        if t_buckets < 1 or t_bucket_every_n_steps < 1 or nonfinite_check_every_n_steps < 1:
+            raise ValueError(f"module.t_buckets={t_buckets}, module.t_bucket_every_n_steps={t_bucket_every_n_steps} "
+                             f"and module.nonfinite_check_every_n_steps={nonfinite_check_every_n_steps} must be >= 1")
         self.optim = _merge("optim", OPTIM_DEFAULTS, optim)
         ema_kw = _merge("ema", EMA_DEFAULTS, ema)
         # Plain types only: the checkpoint stays loadable with torch.load(weights_only=True).
         self.save_hyperparameters({"cfg": cfg, "optim": {**self.optim, "betas": list(self.optim["betas"])},
                                    "ema": ema_kw, "sample_shape": list(sample_shape) if sample_shape else None,
                                    "seed": seed, "t_buckets": t_buckets,
-                                   "t_bucket_every_n_steps": t_bucket_every_n_steps, "compile": compile})
+                                   "t_bucket_every_n_steps": t_bucket_every_n_steps,
+                                   "nonfinite_check_every_n_steps": nonfinite_check_every_n_steps,
+                                   "compile": compile})
         self.net = net
         self.objective = objective
         self.ema = EMA(net, **ema_kw)  # deep copy before any compile; not a registered submodule
@@ -86,10 +89,14 @@ class GenerativeModule(L.LightningModule):
         self.seed = int(seed)
         self.t_buckets = int(t_buckets)
         self.t_bucket_every_n_steps = int(t_bucket_every_n_steps)
+        self.nonfinite_check_every_n_steps = int(nonfinite_check_every_n_steps)
         self.register_buffer("_bucket_sum", torch.zeros(t_buckets, dtype=torch.float64), persistent=False)
         self.register_buffer("_bucket_count", torch.zeros(t_buckets, dtype=torch.float64), persistent=False)
+        # Non-finite guard, on the device (no host sync per step): the first step whose loss was NaN/inf (-1: none)
+        # and, for fused AdamW, this optimizer step's found_inf (1.0 skips the update on the device).
+        self.register_buffer("_first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self.register_buffer("_found_inf", torch.zeros((), dtype=torch.float32), persistent=False)
         self._generator: torch.Generator | None = None
-        self._last_loss: Tensor | None = None
 
     # ---- construction from a checkpoint -------------------------------------------------------------
     @classmethod
@@ -110,18 +117,9 @@ class GenerativeModule(L.LightningModule):
         return module
 
     # ---- training -----------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Gives every rank its own global RNG stream (label dropout, data order without DDP sampler)."""
-        if stage == "fit" and self.trainer.world_size > 1:
-            self._reseed_global(_mix_seed(self.seed, self.global_rank, 0))
-
     def on_fit_start(self) -> None:
-        """Keeps the EMA on the training device; bucket logs must land on steps the logger writes."""
+        """Keeps the EMA on the training device."""
         self.ema.to(self.device)
-        every = self.trainer.log_every_n_steps
-        if every and self.t_bucket_every_n_steps % every:
-            raise ValueError(f"module.t_bucket_every_n_steps={self.t_bucket_every_n_steps} must be a multiple of "
-                             f"trainer.log_every_n_steps={every}")
 
     def _step_generator(self, device: torch.device) -> torch.Generator:
         """The generator for t and noise, seeded from (seed, rank, step): exact across resumes, no state."""
@@ -132,6 +130,8 @@ class GenerativeModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
+        # The global RNG (label dropout) is a function of (seed, rank, step) too: a resume needs no RNG state.
+        self._reseed_global(_mix_seed(self.seed, self.global_rank, self.global_step, 2))
         gen = self._step_generator(x0.device)
         t = self.objective.sample_t(x0.shape[0], x0.device, generator=gen)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
@@ -140,12 +140,43 @@ class GenerativeModule(L.LightningModule):
             raise ValueError(f"objective.loss must return per-sample losses [B]={x0.shape[0]}, "
                              f"got {tuple(per_sample.shape)}")
         loss = per_sample.mean()
-        self._last_loss = loss.detach()
+        self._flag_nonfinite(loss.detach())
         self._accumulate_buckets(t, per_sample.detach())
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        if (self.global_step + 1) % self.t_bucket_every_n_steps == 0:
+        # Not prog_bar: Lightning reads progress-bar tensors back to the host after every step.
+        self.log("train/loss", loss, batch_size=x0.shape[0])
+        if self._logging_step():  # a float becomes a device tensor (a host-to-device copy): only when written
+            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=x0.shape[0])
+        if (self.global_step + 1) % self.t_bucket_every_n_steps == 0 and not self._accumulating():
             self._log_buckets()
         return loss
+
+    def _logging_step(self) -> bool:
+        """True on the steps Lightning writes to the loggers (every trainer.log_every_n_steps)."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return False
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
+    def _accumulating(self) -> bool:
+        """True on a micro-batch that is not the last of a gradient-accumulation group."""
+        return self._trainer is not None and self.trainer.fit_loop._should_accumulate()
+
+    def _flag_nonfinite(self, loss: Tensor) -> None:
+        """Records a NaN/inf loss on the device: the step (first one only) and this optimizer step's found_inf."""
+        bad = ~torch.isfinite(loss)
+        self._first_bad_step.masked_fill_(bad & (self._first_bad_step < 0), self.global_step)
+        self._found_inf.masked_fill_(bad, 1.0)
+
+    def check_finite(self) -> None:
+        """One host sync: raises NonFiniteLossError on every rank when any rank saw a non-finite loss."""
+        first_bad = self._first_bad_step.clone()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            first_bad = self.trainer.strategy.reduce(first_bad, reduce_op="max")
+        step = int(first_bad)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {step} (found at step {self.global_step}, epoch "
+                f"{self.current_epoch}); stopping every rank without writing a checkpoint, so the last checkpoint "
+                "on disk holds the last good weights")
 
     def _accumulate_buckets(self, t: Tensor, per_sample: Tensor) -> None:
         """Adds losses into per-t-bucket sums on the device (no host sync)."""
@@ -155,29 +186,33 @@ class GenerativeModule(L.LightningModule):
         self._bucket_count.index_add_(0, idx, torch.ones_like(u))
 
     def _log_buckets(self) -> None:
-        """Logs the mean loss per bucket since the last call (summed over ranks), then resets."""
+        """Sends the mean loss per bucket since the last call (summed over ranks) to the loggers, once, at this
+        step (self.log would repeat the value at every later logging step), then resets the sums."""
         sums = self.trainer.strategy.reduce(self._bucket_sum.clone(), reduce_op="sum")
         counts = self.trainer.strategy.reduce(self._bucket_count.clone(), reduce_op="sum")
-        means = (sums / counts).float()  # NaN for an empty bucket
-        k = self.t_buckets
-        for i in range(k):
-            self.log(f"loss_t/{i / k:.1f}-{(i + 1) / k:.1f}", means[i], on_step=True, on_epoch=False)
         self._bucket_sum.zero_()
         self._bucket_count.zero_()
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), on_step=True, on_epoch=False)
+        if self.global_rank != 0 or not self.loggers:
+            return
+        means = (sums / counts).float().tolist()  # NaN for an empty bucket; one host sync per bucket log
+        k = self.t_buckets
+        metrics = {f"loss_t/{i / k:.1f}-{(i + 1) / k:.1f}": means[i] for i in range(k)}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stops before a non-finite loss can reach the weights (one host sync per step, after backward)."""
-        if self._last_loss is not None and not bool(torch.isfinite(self._last_loss)):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({self._last_loss.item()}) at step {self.global_step} "
-                f"(epoch {self.current_epoch}); the optimizer step was skipped and no checkpoint is written, "
-                "so the last checkpoint on disk holds the last good weights")
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every `nonfinite_check_every_n_steps` optimizer steps: the non-finite check (one sync, all ranks)."""
+        if not self._accumulating() and self.global_step % self.nonfinite_check_every_n_steps == 0:
+            self.check_finite()
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then the EMA update (before any callback can checkpoint this step)."""
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step (skipped on the device by fused AdamW after a non-finite loss), then the EMA update
+        (before any callback can checkpoint this step)."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps it
+        if inner.defaults.get("fused"):
+            inner.found_inf = self._found_inf
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._found_inf.zero_()
         self.ema.update(self.net, self.global_step)
 
     def configure_optimizers(self):
@@ -227,36 +262,20 @@ class GenerativeModule(L.LightningModule):
 
     # ---- checkpoint ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adds the EMA weights and RNG states; refuses to write non-finite weights."""
+        """Adds the EMA weights; refuses to write after a non-finite loss (all ranks) or with non-finite weights."""
+        if self._trainer is not None and self.trainer.training:
+            self.check_finite()
         ema_state = self.ema.state_dict()
         if not _all_finite(list(checkpoint["state_dict"].values()) + list(ema_state.values())):
             raise NonFiniteWeightsError(f"weights or EMA are non-finite at step {self.global_step}; "
                                         "not writing a checkpoint (the previous one stays intact)")
         checkpoint["ema"] = ema_state
-        checkpoint["rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "python": random.getstate(),
-        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restores the EMA and, when training on one process, the global RNG states."""
+        """Restores the EMA (the RNG streams are functions of (seed, rank, step): nothing else to restore)."""
         if "ema" not in checkpoint:
             raise KeyError("checkpoint has no 'ema' entry: it was not written by GenerativeModule")
         self.ema.load_state_dict(checkpoint["ema"])
-        if self._trainer is None or "rng" not in checkpoint:
-            return
-        if self.trainer.world_size > 1:  # one saved state cannot serve all ranks: fresh per-rank streams
-            self._reseed_global(_mix_seed(self.seed, self.global_rank, int(checkpoint.get("global_step", 0))))
-            return
-        rng = checkpoint["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
-        random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in rng["python"]))
 
     @staticmethod
     def _reseed_global(seed: int) -> None:

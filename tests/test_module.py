@@ -3,6 +3,7 @@ the non-finite-loss stop, and checkpoints that never hold NaN weights."""
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.digits import load_digits_tensors
 from gen_objectives.module import GenerativeModule, NonFiniteLossError, NonFiniteWeightsError
+from workflow.loggers import HistoryCSVLogger
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 OBJECTIVES = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "objective")) if f.endswith(".yaml"))
@@ -38,10 +40,17 @@ def loader(n: int = 64, batch_size: int = 16, nan_batch: int | None = None) -> D
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+def logged_rows(logger: HistoryCSVLogger) -> list[dict]:
+    logger.save()
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        return [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
 def trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=0, log_every_n_steps=1,
+    kw.setdefault("log_every_n_steps", 1)
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=0,
                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
 
 
@@ -50,13 +59,15 @@ def test_one_training_step(objective, tmp_path):
     module = build(objective)
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
     ema_before = {k: v.clone() for k, v in module.ema.state_dict().items()}
-    tr = trainer(tmp_path, max_steps=1)
+    logger = HistoryCSVLogger(tmp_path)
+    tr = trainer(tmp_path, max_steps=1, logger=logger)
     tr.fit(module, train_dataloaders=loader())
     assert tr.global_step == 1
     loss = tr.callback_metrics["train/loss"]
     assert math.isfinite(float(loss)) and float(loss) > 0
-    buckets = [k for k in tr.callback_metrics if k.startswith("loss_t/")]
-    assert len(buckets) == 10 and "loss_t/0.0-0.1" in buckets
+    (row,) = logged_rows(logger)
+    buckets = [k for k in row if k.startswith("loss_t/")]
+    assert len(buckets) == 10 and "loss_t/0.0-0.1" in buckets and "train/lr" in row
     changed = [k for k, v in module.net.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the optimizer step changed no weight"
     ema_changed = [k for k, v in module.ema.state_dict().items() if not torch.equal(v, ema_before[k])]
@@ -87,8 +98,20 @@ def test_generate_uses_the_ema_weights(tmp_path):
     assert module.generate(5, torch.zeros(5, dtype=torch.long), num_steps=1).shape == (5, 1, 8, 8)
 
 
+def test_buckets_and_lr_are_logged_once_at_their_step(tmp_path):
+    """#11: per-bucket losses and train/lr were written again, stale, at every later logging step."""
+    module = build("flow", t_bucket_every_n_steps=4, optim={"lr": 1e-3, "warmup_steps": 10})
+    logger = HistoryCSVLogger(tmp_path)
+    trainer(tmp_path, max_steps=12, logger=logger, log_every_n_steps=2).fit(module, train_dataloaders=loader(n=256))
+    rows = {int(r["step"]): r for r in logged_rows(logger)}
+    assert sorted(rows) == list(range(1, 12, 2))  # one row per logging step (step + 1 divisible by 2)
+    assert [s for s, r in rows.items() if "loss_t/0.9-1.0" in r] == [3, 7, 11]  # every 4th step only
+    for step, row in rows.items():  # lr of the step the row describes (linear warmup: (step + 1) / 10 * lr)
+        assert float(row["train/lr"]) == pytest.approx(1e-3 * min(1.0, (step + 1) / 10), rel=1e-6)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    module = build("flow")
+    module = build("flow", nonfinite_check_every_n_steps=1)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     tr = trainer(tmp_path, max_steps=10, callbacks=[ckpt], enable_checkpointing=True)
     with pytest.raises(NonFiniteLossError, match="at step 2 "):
@@ -97,7 +120,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert saved["global_step"] == 2
     for name, tensors in (("weights", saved["state_dict"]), ("ema", saved["ema"])):
         assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()), name
-    assert all(torch.isfinite(p).all() for p in module.net.parameters()), "NaN reached the live weights"
+
+
+def test_fused_adamw_skips_the_non_finite_step_on_the_device_and_the_check_stops_later(tmp_path):
+    """#15 item 2: no per-step host sync; fused AdamW's found_inf skips the step, the check every N steps (or
+    before a save) stops the run naming the first bad step, and the last good checkpoint stays."""
+    module = build("flow", nonfinite_check_every_n_steps=5, optim={"fused": True})
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
+    tr = trainer(tmp_path, max_steps=10, callbacks=[ckpt], enable_checkpointing=True)
+    with pytest.raises(NonFiniteLossError, match="at step 2 "):
+        tr.fit(module, train_dataloaders=loader(nan_batch=2))
+    assert tr.global_step == 4  # the save at step 4 ran the check (before the periodic one at step 5)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert all(torch.isfinite(p).all() for p in module.net.parameters()), "the NaN step reached the weights"
+    assert int(tr.optimizers[0].state[next(p for p in module.net.parameters() if p.requires_grad)]["step"]) == 3  # 4 steps, one skipped
 
 
 def test_refuses_to_write_a_checkpoint_with_nan_weights(tmp_path):

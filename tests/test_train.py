@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -136,3 +137,16 @@ def test_sigterm_writes_last_checkpoint(tmp_path, tiny_args):
     assert "SIGTERM at step" in out, out[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert 2 <= ckpt["global_step"] < 100000
+
+
+def test_runs_differing_only_in_objective_see_the_same_data(tmp_path, tiny_args):
+    """The training order comes from `seed` alone, not from the global RNG the network's init consumes."""
+    env = offline_env(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    seen = {}
+    for objective in ("diffusion", "flow"):
+        path = tmp_path / f"{objective}.json"
+        run_train([*tiny_args, f"objective={objective}", "trainer.max_steps=3", "logger=none",
+                   f"+callbacks.rec={{_target_:probes.RecordBatches,path:'{path}'}}",
+                   f"hydra.run.dir={tmp_path / objective}"], env=env)
+        seen[objective] = json.loads(path.read_text())
+    assert len(seen["flow"]) == 3 and seen["diffusion"] == seen["flow"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,19 +37,26 @@ def build_objective(cfg: DictConfig):
         raise ConfigError(f"invalid objective config (objective={objective_choice(cfg)}): {cause}") from e
 
 
+def last_ckpt_path(run_dir: str) -> str:
+    """The one resume point of a run folder (written only by callbacks.last_checkpoint.LastCheckpoint)."""
+    return os.path.join(run_dir, "checkpoints", "last.ckpt")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
-    """'last' -> the newest of <run_dir>/checkpoints/last*.ckpt and SLURM's hpc_ckpt_*.ckpt, else None."""
+    """'last' -> <run_dir>/checkpoints/last.ckpt, or None (a fresh start, said) when there is none yet.
+
+    A requeued SLURM job (SLURM_RESTART_COUNT > 0) resumes from it without being told.
+    """
     if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
         say("requeued SLURM job: resuming from this run's last checkpoint")
         ckpt_path = "last"
     if ckpt_path != "last":
         return ckpt_path
-    found = glob.glob(os.path.join(run_dir, "checkpoints", "last*.ckpt")) + \
-        glob.glob(os.path.join(run_dir, "hpc_ckpt_*.ckpt"))
-    if not found:
+    path = last_ckpt_path(run_dir)
+    if not os.path.isfile(path):
         say(f"ckpt_path=last: no checkpoint under {run_dir} yet; starting from scratch")
         return None
-    return max(found, key=os.path.getmtime)
+    return path
 
 
 def build_run(cfg: DictConfig) -> Run:
@@ -63,8 +69,10 @@ def build_run(cfg: DictConfig) -> Run:
     import torch
     from hydra.utils import instantiate
 
+    from callbacks.last_checkpoint import LastCheckpoint
     from gen_objectives.module import GenerativeModule
     from workflow.loggers import build_logger
+    from workflow.preemption import Preemption
     from workflow.slurm import slurm_plugins
 
     run_dir = os.path.abspath(cfg.run_dir)
@@ -82,12 +90,15 @@ def build_run(cfg: DictConfig) -> Run:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, shuffle_seed=cfg.seed)  # the same data order whatever the objective
     net = instantiate(cfg.model)
     sample_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     module = GenerativeModule(net, objective, **OmegaConf.to_container(cfg.module, resolve=True),
                               sample_shape=sample_shape, seed=cfg.seed, compile=cfg.compile, cfg=plain_cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # Always on, first (their end-of-fit work precedes sample grids and FID): last.ckpt and pre-emption.
+    callbacks = [LastCheckpoint(os.path.dirname(last_ckpt_path(run_dir)), cfg.last_ckpt_every_n_steps),
+                 Preemption(cfg.preempt_check_every_n_steps)]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.trainer.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     logger = build_logger(cfg, run_dir)

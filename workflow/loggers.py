@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import netrc
 import os
 import socket
 from urllib.parse import urlparse
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
 from workflow.config import global_rank, say
@@ -65,3 +69,72 @@ def build_logger(cfg: DictConfig, run_dir: str):
         logger = instantiate(cfg.logger, **{**extra, "offline": True})
         _ = logger.experiment
     return logger
+
+
+
+class HistoryWriter(ExperimentWriter):
+    """metrics.csv that keeps the history of every earlier segment of a resumed run.
+
+    The first step logged by a segment, S, starts it: rows of earlier segments at steps >= S (logged after the
+    checkpoint this segment resumed from) are dropped. Rows of one step are merged into one row. Every save
+    rewrites the file atomically (tmp + rename); a few MB at most.
+    """
+
+    def __init__(self, log_dir: str):
+        super().__init__(log_dir)
+        self.segment_start: int | None = None
+        self.trimmed = False  # earlier segments' rows at steps >= segment_start dropped already
+
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes an existing metrics.csv here; the history is kept instead."""
+
+    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics_dict.items()}
+        row["step"] = len(self.metrics) if step is None else int(step)
+        if self.segment_start is None:
+            self.segment_start = row["step"]
+        if self.metrics and self.metrics[-1]["step"] == row["step"]:
+            self.metrics[-1].update(row)
+        else:
+            self.metrics.append(row)
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        rows = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+            if not self.trimmed:
+                rows = [r for r in rows if int(r["step"]) < self.segment_start]
+        for row in self.metrics:  # one row per step (Lightning logs a step's train and val metrics separately)
+            if rows and int(rows[-1]["step"]) == row["step"]:
+                rows[-1].update(row)
+            else:
+                rows.append(row)
+        tmp = self.metrics_file_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted(set().union(*rows)))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+        self.metrics = []
+        self.trimmed = True
+
+
+class HistoryCSVLogger(CSVLogger):
+    """Lightning's CSVLogger at <save_dir>/<name>/metrics.csv, keeping the whole history over resumes."""
+
+    def __init__(self, save_dir: str, name: str = "csv", flush_logs_every_n_steps: int = 100):
+        super().__init__(save_dir, name=name, version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.save_dir, self.name)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> HistoryWriter:
+        if self._experiment is None:
+            self._experiment = HistoryWriter(self.log_dir)
+        return self._experiment

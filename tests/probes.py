@@ -1,0 +1,34 @@
+"""Test callbacks added to real train.py runs with `+callbacks.<name>={_target_:probes.<Class>,...}`
+(PYTHONPATH must include tests/): a fault injected into one rank, and a record of the batches seen."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+
+
+class NaNOnRank(L.Callback):
+    """Fills the input batch with NaN on global rank `rank` at optimizer step `step`."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+class RecordBatches(L.Callback):
+    """Writes, per step, the labels and the input sum of the batch trained on (JSON) to `path` at the end."""
+
+    def __init__(self, path: str):
+        self.path, self.batches = path, []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.batches.append({"step": trainer.global_step, "y": y.tolist(), "x_sum": float(x.double().sum())})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with open(self.path, "w") as f:
+            json.dump(self.batches, f)
