@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 
 import lightning as L
@@ -43,6 +44,7 @@ class SampleGrid(L.Callback):
         self.min_pixels = min_pixels
         self.at_train_end = at_train_end
         self.last_path: str | None = None
+        self.drawn_steps: list[int] = []  # the optimizer steps a grid was sampled at (one grid per step at most)
 
     def labels(self, num_classes: int) -> torch.Tensor:
         """Fixed labels: each chosen class repeated `per_class` times (one grid row per class)."""
@@ -70,15 +72,22 @@ class SampleGrid(L.Callback):
             raise ValueError("SampleGrid needs GenerativeModule(sample_shape=(C, H, W))")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """After an optimizer step (not after each micro-batch of gradient accumulation), once per step."""
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+        if (self.every_n_steps and step % self.every_n_steps == 0 and step > 0 and step not in self.drawn_steps
+                and not trainer.fit_loop._should_accumulate()):
             self.write(trainer, pl_module, f"step_{step:07d}.png")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_train_end:
-            path = self.write(trainer, pl_module, "final.png")
-            if path:
-                print(f"sample grid ({self.grid_desc(pl_module)}): {os.path.abspath(path)}", flush=True)
+        if not self.at_train_end or not trainer.is_global_zero:
+            return
+        final = os.path.join(self.dirpath, "final.png")
+        if self.drawn_steps and self.drawn_steps[-1] == trainer.global_step and self.last_path:
+            shutil.copyfile(self.last_path, final)  # the same weights were just sampled: no second draw
+            self.last_path = final
+        else:
+            self.write(trainer, pl_module, "final.png")
+        print(f"sample grid ({self.grid_desc(pl_module)}): {os.path.abspath(final)}", flush=True)
 
     def grid_desc(self, pl_module: L.LightningModule) -> str:
         """E.g. '10 classes x 10 samples, EMA weights, heun 50 steps'."""
@@ -107,6 +116,7 @@ class SampleGrid(L.Callback):
         path = os.path.join(self.dirpath, filename)
         save_image(grid, path)
         self.last_path = path
+        self.drawn_steps.append(trainer.global_step)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[grid.permute(1, 2, 0).numpy()],

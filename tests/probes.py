@@ -32,3 +32,28 @@ class RecordBatches(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         with open(self.path, "w") as f:
             json.dump(self.batches, f)
+
+
+def wandb_records(path: str):
+    """The protobuf records of a W&B run file (run-<id>.wandb, the offline transaction log): a 7-byte header,
+    then 32 KiB blocks of records [crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last), data]."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, i, parts = open(path, "rb").read(), 32768, 7, b""
+    while i + 7 <= len(data):
+        left = block - i % block
+        if left < 7:  # a block's tail too short for a header is padding
+            i += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[i:i + 7])
+        if length == 0 and kind == 0:
+            i += left
+            continue
+        chunk, i = data[i + 7:i + 7 + length], i + 7 + length
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record

@@ -150,3 +150,20 @@ def test_refuses_to_write_a_checkpoint_with_nan_weights(tmp_path):
 def test_unknown_optim_key_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"module.optim.*valid keys.*'lr'"):
         build("flow", optim={"learning_rate": 1e-3})
+
+
+def test_sample_grid_is_drawn_once_per_step_not_per_micro_batch_nor_again_at_the_end(tmp_path):
+    """#11: with accumulate_grad_batches=2 the grid was sampled after each micro-batch, and when max_steps is a
+    multiple of every_n_steps the final grid sampled the same weights a second time."""
+    from callbacks.sample_grid import SampleGrid
+
+    module = build("flow")
+    draws = []
+    generate = module.generate
+    module.generate = lambda *a, **kw: draws.append(module.global_step) or generate(*a, **kw)
+    grid = SampleGrid(str(tmp_path / "samples"), every_n_steps=2, per_class=1, num_steps=1)
+    trainer(tmp_path, max_steps=4, callbacks=[grid], accumulate_grad_batches=2).fit(
+        module, train_dataloaders=loader(n=160))
+    assert draws == [2, 4]
+    final, last = tmp_path / "samples" / "final.png", tmp_path / "samples" / "step_0000004.png"
+    assert final.read_bytes() == last.read_bytes()

@@ -15,10 +15,12 @@ import time
 import pytest
 import torch
 from conftest import ROOT, offline_env, run_train
+from probes import wandb_records
 from hydra import compose, initialize_config_dir
 
 from gen_objectives.module import GenerativeModule
-from workflow.config import ConfigError, validate_built
+from workflow.build import build_objective, build_run
+from workflow.config import ConfigError, check_machine, check_resolves, validate, validate_built
 
 CONF = str(ROOT / "conf")
 OBJECTIVES = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "objective")) if f.endswith(".yaml"))
@@ -60,83 +62,142 @@ def test_train_writes_checkpoint_metrics_and_grid(tmp_path, tiny_args):
     assert out.shape == (4, 1, 8, 8) and torch.isfinite(out).all()
 
 
-def test_wrong_objective_choice_lists_the_choices(tiny_args):
-    proc = run_train([*tiny_args, "objective=nope"], check=False)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert "objective/nope" in out
-    for name in OBJECTIVES:
-        assert name in out
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPUs")
 
 
-def test_bad_objective_key_names_key_and_choices(tiny_args):
+@pytest.mark.parametrize("overrides, expected", [
+    (["objective=nope"], ["objective=nope is not an option", "diffusion, flow, score"]),
+    (["objective=flow", "objective.weighting=likelihood"], ["objective.weighting is not a key of objective=flow",
+                                                            "path"]),
+    (["experiment=digits", "trainer.precision=fp8"], ["trainer.precision='fp8'", "bf16-mixed", "auto"]),
+    (["experiment=digits", "ckpt_path=/no/such.ckpt"], ["ckpt_path", "no such file"]),
+    (["trainer.accelerator=cpu", "data.cache_dir=/no/cache"], ["data.cache_dir=/no/cache", "metadata.json",
+                                                               "make latents", "make demo"]),
+    pytest.param([], ["this machine has 0 NVIDIA GPU", "make demo", "trainer.accelerator=cpu"], marks=NO_GPU),
+    pytest.param(["objective=score", "model=dit_b", "trainer.devices=8"], ["trainer.devices=8", "0 NVIDIA GPU"],
+                 marks=NO_GPU),
+    pytest.param(["trainer.accelerator=auto", "trainer.devices=4"], ["start 4 CPU processes",
+                                                                      "trainer.accelerator=cpu"], marks=NO_GPU),
+])
+def test_config_errors_are_one_line_exit_2_before_torch(overrides, expected):
+    """#11: one format and exit code for Hydra's composition errors, value errors and a machine that lacks what the
+    run needs (GPUs, the latent cache), found before torch is imported; the message names the next command."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train.py"), *overrides], cwd=ROOT,
+                          env=offline_env(), capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("config error: "), proc.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "lightning" not in imported
+
+
+def test_objective_value_errors_have_the_same_format(tiny_args):
     proc = run_train([*tiny_args, "objective=flow", "objective.path=bogus"], check=False)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert "objective=flow" in out and "path" in out and "linear" in out and "gvp" in out
+    assert proc.returncode == 2 and proc.stderr.startswith("config error: "), proc.stderr[-2000:]
+    assert "objective=flow" in proc.stderr and "linear" in proc.stderr and "gvp" in proc.stderr
 
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.precision=fp8", ["trainer.precision", "bf16-mixed", "32"]),
-    ("callbacks.sample_grid.sampler=rk4", ["callbacks.sample_grid.sampler", "heun", "dopri5"]),
     ("ckpt_path=/no/such.ckpt", ["ckpt_path", "no such file"]),
     ("global_batch_size=100", ["global_batch_size", "not divisible"]),
 ])
 def test_validation_names_key_and_choices(override, expected):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=digits", "objective=flow", "trainer.devices=8", override])
-    from hydra.utils import instantiate
     with pytest.raises(ConfigError) as err:
-        validate_built(cfg, instantiate(cfg.objective))
+        validate(cfg)
     for text in expected:
         assert text in str(err.value)
 
 
-def test_multirun_two_jobs_own_folders_and_groups(tmp_path, tiny_args):
+def test_sampler_of_another_objective_names_the_choices():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=digits", "objective=flow", "callbacks.sample_grid.sampler=rk4"])
+    with pytest.raises(ConfigError, match=r"callbacks.sample_grid.sampler='rk4'.*heun.*dopri5"):
+        validate_built(cfg, build_objective(cfg))
+
+
+def help_options() -> list[tuple[str, str]]:
+    """(group, option) for every option `python train.py --help` lists."""
+    proc = run_train(["--help"])
+    listed = proc.stdout.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    return [(group.strip(), option.strip()) for line in listed.splitlines() if ": " in line
+            for group, options in [line.split(": ", 1)] for option in options.split(",")]
+
+
+def test_every_option_help_lists_builds_or_says_why_not(tmp_path):
+    """#11: `callbacks=fid` crashed with AttributeError. Each option, on the digits CPU setup, either builds every
+    object train.py trains with or stops with one config error line (e.g. a GPU option on a CPU machine)."""
+    options = help_options()
+    assert ("callbacks", "fid") in options and ("experiment", "dit_b_imagenet") in options
+    cpu_digits = ["data=digits", "data.image_size=8", "model=dit_tiny", "trainer=cpu", "logger=csv",
+                  "global_batch_size=null"]  # the default config (with its callbacks) on digits and a CPU
+    for group, option in options:
+        overrides = [*(cpu_digits if group != "experiment" else []), f"{group}={option}",
+                     f"run_dir={tmp_path / group / option}"]
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        try:
+            validate(cfg)
+            check_resolves(cfg)
+            check_machine(cfg)
+            if group != "model":  # the model options are full-size DiTs: composing them is the check
+                build_run(cfg)
+        except ConfigError as e:
+            assert "\n" not in str(e) and str(e), (group, option)
+
+
+def test_sweep_runs_past_a_bad_job_and_writes_a_summary(tmp_path, tiny_args):
+    """#11: one bad point (beta_max < beta_min) aborted the sweep; now it is reported, the rest run, and the sweep
+    folder gets summary.csv/.md; job folders are named by the swept values."""
     sweep = tmp_path / "sweep"
-    run_train(["-m", *tiny_args, "objective=score,flow", "objective.beta_max=10", "trainer.max_steps=2",
-               "logger=wandb", f"hydra.sweep.dir={sweep}"])
-    jobs = sorted(glob.glob(str(sweep / "*" / "checkpoints" / "last.ckpt")))
-    assert len(jobs) == 2, os.listdir(sweep)
-    cfgs = [torch.load(j, weights_only=True)["hyper_parameters"]["cfg"] for j in jobs]
-    assert {c["objective"]["_target_"].rsplit(".", 1)[1] for c in cfgs} == {"ScoreObjective", "FlowObjective"}
-    assert all(c["objective"]["beta_max"] == 10 for c in cfgs)
-    assert len({c["run_dir"] for c in cfgs}) == 2
+    proc = run_train(["-m", *tiny_args, "objective=score,flow", "objective.beta_max=0.05,10", "trainer.max_steps=2",
+                      "logger=wandb", f"hydra.sweep.dir={sweep}"], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # not every job completed
+    assert "sweep: 2 of 4 jobs completed" in proc.stdout, proc.stdout[-3000:]
+    jobs = ["0_objective=score,objective.beta_max=0.05", "1_objective=score,objective.beta_max=10",
+            "2_objective=flow,objective.beta_max=0.05", "3_objective=flow,objective.beta_max=10"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()) == jobs
+    with open(sweep / "summary.csv") as f:
+        rows = {r["job"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == jobs and (sweep / "summary.md").read_text().count("\n") == 2 + 4
+    for job in jobs:
+        bad = job.endswith("0.05")
+        assert rows[job]["status"] == ("config error" if bad else "completed"), rows[job]
+        assert ("beta_min" in rows[job]["error"]) == bad and bool(rows[job]["train/loss"]) != bad
+        assert f"objective.beta_max={'0.05' if bad else '10'}" in rows[job]["overrides"]
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file() != bad
+    cfgs = [torch.load(sweep / j / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["cfg"]
+            for j in jobs[1::2]]
     groups = {c["logger"]["group"] for c in cfgs}
     assert len(groups) == 2 and all("beta_max=10" in g for g in groups)
 
 
-def test_wandb_without_key_or_network_logs_offline(tmp_path, tiny_args):
+def test_wandb_offline_fallback_flat_config_failed_run_and_resumed_id(tmp_path, tiny_args):
+    """Without a key or network W&B logs offline (said at start-up); the config arrives as flat keys; a run that
+    raises is closed with exit code 1 (failed); the resumed run continues the same W&B run id."""
     run = tmp_path / "run"
-    env = offline_env(WANDB_MODE=None, WANDB_API_KEY=None, HOME=str(tmp_path),
+    env = offline_env(WANDB_MODE=None, WANDB_API_KEY=None, HOME=str(tmp_path), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
                       WANDB_BASE_URL="http://127.0.0.1:9", WANDB_CONFIG_DIR=str(tmp_path / "wandb_cfg"))
-    proc = run_train([*tiny_args, "logger=wandb", "trainer.max_steps=2", f"hydra.run.dir={run}"], env=env)
+    args = [*tiny_args, "logger=wandb", "run_name=wb", "last_ckpt_every_n_steps=2", f"hydra.run.dir={run}"]
+    proc = run_train([*args, "trainer.max_steps=6", "module.nonfinite_check_every_n_steps=1",
+                      "+callbacks.nan={_target_:probes.NaNOnRank,rank:0,step:3}"], env=env, check=False)
+    assert proc.returncode == 1 and "NonFiniteLossError" in proc.stderr, proc.stderr[-3000:]
     assert "logging OFFLINE" in proc.stdout and "no W&B API key" in proc.stdout
-    assert glob.glob(str(run / "wandb" / "offline-run-*")), os.listdir(run)
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-
-
-def test_sigterm_writes_last_checkpoint(tmp_path, tiny_args):
-    run = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "train.py"), *tiny_args, "trainer.max_steps=100000", "logger=none",
-            "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    try:
-        assert last.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "too slow"
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert "SIGTERM at step" in out, out[-3000:]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert 2 <= ckpt["global_step"] < 100000
+    proc = run_train([*args, "trainer.max_steps=4", "ckpt_path=last"], env=env)
+    runs = []
+    for path in sorted(glob.glob(str(run / "wandb" / "offline-run-*" / "*.wandb"))):
+        records = list(wandb_records(path))
+        run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
+        exit_code = next(r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit")
+        config = {u.key for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
+        runs.append((run_id, exit_code, config))
+    assert [code for _, code, _ in runs] == [1, 0], runs  # the failed segment, then the resumed one
+    assert runs[0][0] == runs[1][0]  # one W&B run over both segments
+    assert {"objective.beta_max", "model.depth", "trainer.max_steps", "seed"} <= runs[0][2]  # flat keys
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_runs_differing_only_in_objective_see_the_same_data(tmp_path, tiny_args):

@@ -8,7 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from workflow.config import ConfigError, objective_choice, say, validate_built
+from workflow.config import GPU_ACCELERATORS, ConfigError, objective_choice, say, validate_built
+from workflow.hardware import resolve_precision
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Run:
     trainer: Any
     ckpt_path: str | None = None
     run_dir: str = ""
+    precision_note: str | None = None  # what trainer.precision=auto chose, and why
 
 
 def build_objective(cfg: DictConfig):
@@ -67,6 +69,7 @@ def build_run(cfg: DictConfig) -> Run:
     """
     import lightning as L
     import torch
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from callbacks.last_checkpoint import LastCheckpoint
@@ -78,8 +81,13 @@ def build_run(cfg: DictConfig) -> Run:
     run_dir = os.path.abspath(cfg.run_dir)
     objective = build_objective(cfg)
     validate_built(cfg, objective)
-    if cfg.global_batch_size is not None:
-        with open_dict(cfg):
+    accelerator = str(cfg.trainer.accelerator)
+    on_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available())
+    precision = resolve_precision(str(cfg.trainer.precision), on_gpu,
+                                  gpu_has_bf16=not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+    with open_dict(cfg):
+        cfg.trainer.precision = precision.value
+        if cfg.global_batch_size is not None:
             cfg.data.batch_size = cfg.global_batch_size // (cfg.trainer.devices * cfg.trainer.num_nodes)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
 
@@ -98,11 +106,23 @@ def build_run(cfg: DictConfig) -> Run:
     # Always on, first (their end-of-fit work precedes sample grids and FID): last.ckpt and pre-emption.
     callbacks = [LastCheckpoint(os.path.dirname(last_ckpt_path(run_dir)), cfg.last_ckpt_every_n_steps),
                  Preemption(cfg.preempt_check_every_n_steps)]
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if c is None:
+            continue
+        if "_target_" not in c:  # e.g. an experiment's settings for a callback another option left out
+            say(f"callbacks.{name} has no _target_ (not part of the selected callbacks option): skipped")
+            continue
+        try:
+            callbacks.append(instantiate(c))
+        except InstantiationException as e:  # e.g. FID's Inception weights missing on an offline node
+            cause = " ".join(line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip())
+            raise ConfigError(f"callbacks.{name} ({c._target_}): {cause}") from e
     if cfg.trainer.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     logger = build_logger(cfg, run_dir)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=slurm_plugins())
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    note = None if precision.reason == "as configured" else \
+        f"trainer.precision=auto -> {precision.value} ({precision.reason})"
     return Run(datamodule=datamodule, net=net, objective=objective, module=module, callbacks=callbacks,
-               logger=logger, trainer=trainer, ckpt_path=ckpt_path, run_dir=run_dir)
+               logger=logger, trainer=trainer, ckpt_path=ckpt_path, run_dir=run_dir, precision_note=note)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,3 +40,53 @@ def cpu_has_native_bf16() -> bool:
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "bf16" in flags
     return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def visible_gpu_count() -> int | None:
+    """How many NVIDIA GPUs this process may use, without importing torch; None when it cannot tell (ROCm,
+    macOS), so the caller leaves the question to torch."""
+    import os
+    import re
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.replace(" ", "").split(",") if v]
+        if not ids or ids[0] == "-1":
+            return 0
+        nvidia = _nvidia_gpus()
+        return len(ids) if nvidia is None else min(len(ids), nvidia)
+    nvidia = _nvidia_gpus()
+    if nvidia is not None:
+        return nvidia
+    if platform.system() != "Linux" or Path("/dev/kfd").exists():  # macOS (MPS) or ROCm: ask torch
+        return None
+    return 0 if not any(re.fullmatch(r"nvidia\d+", p.name) for p in Path("/dev").glob("nvidia*")) else None
+
+
+def _nvidia_gpus() -> int | None:
+    """GPUs the NVIDIA driver lists (/proc/driver/nvidia/gpus), or None without the driver's /proc entry."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else None
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What `trainer.precision=auto` resolved to, and why (printed at start-up)."""
+
+    value: str
+    reason: str
+
+
+def resolve_precision(precision: str, on_gpu: bool, gpu_has_bf16: bool = True) -> PrecisionChoice:
+    """`auto` -> bf16-mixed on a GPU with bf16 (16-mixed on older ones); on a CPU bf16-mixed only where the CPU
+    computes bf16 natively (cpu_has_native_bf16), else 32-true. Any other value is kept as given."""
+    if precision != "auto":
+        return PrecisionChoice(precision, "as configured")
+    if on_gpu:
+        if gpu_has_bf16:
+            return PrecisionChoice("bf16-mixed", "GPU with bf16")
+        return PrecisionChoice("16-mixed", "GPU without bf16 (pre-Ampere)")
+    flags = sorted({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+    if cpu_has_native_bf16():
+        return PrecisionChoice("bf16-mixed", f"CPU with native bf16 ({', '.join(flags)})")
+    return PrecisionChoice("32-true", "CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 would be emulated")

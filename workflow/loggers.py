@@ -7,11 +7,14 @@ import hashlib
 import netrc
 import os
 import socket
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from workflow.config import global_rank, say
@@ -138,3 +141,26 @@ class HistoryCSVLogger(CSVLogger):
         if self._experiment is None:
             self._experiment = HistoryWriter(self.log_dir)
         return self._experiment
+
+
+def flat_config(params: dict, prefix: str = "") -> dict:
+    """{'objective': {'beta_max': 20}} -> {'objective.beta_max': 20} (W&B filters and groups by such keys)."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger with the run config as flat keys (`objective.beta_max`, `model.depth`, ...):
+    the composed Hydra config the module stores as hparams['cfg'], not one nested 'cfg' entry."""
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        params = dict(params)
+        cfg = params.pop("cfg", None) or {}
+        super().log_hyperparams(flat_config({**cfg, **({"module_hparams": params} if not cfg else {})}))
