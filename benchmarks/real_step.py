@@ -41,9 +41,9 @@ from benchmarks.common import REPO_ROOT, command_line, datasheet_peak, machine_i
 from benchmarks.train_step import dit_forward_flops, matmul_flops_per_s  # noqa: E402
 
 OBJECTIVES = ("diffusion", "score", "flow")
-# trainer.precision values this benchmark passes to train.py; "config" leaves the config's own (e.g. auto)
-PRECISIONS = ("32-true", "bf16-mixed", "config")
-HAND_WRITTEN = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16-mixed"}  # -> train_step.py --precision
+# trainer.precision values this benchmark passes to train.py; "config" leaves the trainer config's own
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "config")
+HAND_WRITTEN = {"32-true": "fp32", "bf16-mixed": "bf16-mixed"}  # -> train_step.py --precision
 TIMER_KEY = "bench_step_timer"
 
 
@@ -223,6 +223,24 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> None:
         raise RuntimeError(f"exit {rc}: {shlex.join(cmd)}\n--- {log} ---\n{tail}")
 
 
+def chosen(precision: str) -> str:
+    """Lightning's name for a precision ('32' is '32-true')."""
+    return {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(str(precision), str(precision))
+
+
+def plan_precisions(requested: list[str], device: str) -> tuple[list[str], str | None]:
+    """The precisions to run and what `auto` resolves to here (workflow.hardware, as train.py resolves it).
+
+    An explicit precision equal to auto's choice is dropped: the auto run measures it, recording the choice.
+    """
+    try:
+        from workflow.hardware import resolve_precision
+    except ImportError:  # a checkout without precision=auto
+        return [p for p in requested if p != "auto"], None
+    auto = resolve_precision("auto", on_gpu=device == "cuda").value if "auto" in requested else None
+    return [p for p in requested if p == "auto" or chosen(p) != auto], auto
+
+
 def train_overrides(args, objective: str, precision: str, batch: int, compile_: bool, data: dict,
                     run_dir: Path, timer_out: Path) -> list[str]:
     """The train.py command line of one measurement (callbacks other than the timer set to null)."""
@@ -245,8 +263,8 @@ def train_overrides(args, objective: str, precision: str, batch: int, compile_: 
 
 
 def hand_written_argv(args, net_cfg, precision: str, batch: int, compile_: bool, out: Path) -> list[str]:
-    """benchmarks/train_step.py with the same DiT (shape, heads, depth, patch), batch and precision."""
-    hand = HAND_WRITTEN.get(precision)
+    """benchmarks/train_step.py with the same DiT (shape, heads, depth, patch), batch and (resolved) precision."""
+    hand = HAND_WRITTEN[precision]
     if args.device == "cuda" and hand == "fp32":
         hand = "tf32"  # train.py turns TF32 on for fp32 on CUDA
     return [sys.executable, "benchmarks/train_step.py", "--model", f"S/{net_cfg.patch_size}",
@@ -301,7 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dit_s", help="conf/model option (dit_s = DiT-S/2)")
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
-    p.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=PRECISIONS)
+    p.add_argument("--precisions", nargs="+", default=["auto", "32-true", "bf16-mixed"], choices=PRECISIONS,
+                   help="trainer.precision of the runs; auto is resolved by train.py (an explicit duplicate of "
+                        "its choice is skipped)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[4], help="per-process batch sizes")
     p.add_argument("--compile", nargs="+", default=["off"], choices=("off", "on"), help="compile=false / true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
@@ -349,20 +369,24 @@ def run(args, work: Path) -> dict:
     net_cfg = compose_train_config([f"model={args.model}", "data=latent_imagenet", *(f"{k}={v}" for k, v in
                                     data.items()), *[o for o in args.override if o.startswith("model.")]]).model
     env = child_env(args.threads)
+    precisions, auto = plan_precisions(args.precisions, args.device)
+    if auto:
+        print(f"[real_step] trainer.precision=auto resolves to {auto} here", flush=True)
     records = []
     for rnd in range(args.rounds):
         for batch in args.batch_sizes:
             for compile_ in (c == "on" for c in args.compile):
-                for precision in args.precisions:
+                for precision in precisions:
                     tag = f"b{batch}_{'compiled' if compile_ else 'eager'}_{precision}_r{rnd}"
-                    if args.hand_written and precision in HAND_WRITTEN and (args.hand_written_compiled
-                                                                            or not compile_):
+                    resolved = auto if precision == "auto" else chosen(precision)
+                    if args.hand_written and resolved in HAND_WRITTEN and (args.hand_written_compiled
+                                                                           or not compile_):
                         out = work / f"hand_{tag}.json"
-                        cmd = hand_written_argv(args, net_cfg, precision, batch, compile_, out)
+                        cmd = hand_written_argv(args, net_cfg, resolved, batch, compile_, out)
                         print(f"[real_step] hand-written {tag}", flush=True)
                         run_logged(cmd, work / "logs" / f"hand_{tag}.log", env)
                         hand = json.loads(out.read_text())
-                        records.append({"kind": "hand_written", "objective": None, "precision": precision,
+                        records.append({"kind": "hand_written", "objective": None, "precision": resolved,
                                         "batch_size": batch, "compile": compile_, "round": rnd,
                                         "command": "python " + shlex.join(cmd[1:]),
                                         **summarize_hand(hand["runs"][0], batch), "raw": hand["runs"][0]})
@@ -385,6 +409,7 @@ def run(args, work: Path) -> dict:
     result = {
         "benchmark": "real_step",
         "model": args.model,
+        "auto_precision": auto,
         "net": {k: net_cfg[k] for k in ("patch_size", "hidden_size", "depth", "num_heads", "input_size",
                                         "in_channels", "num_classes")},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
@@ -415,30 +440,32 @@ def _pooled(records: list[dict], key: str) -> float | None:
 
 
 def compare(records: list[dict]) -> list[dict]:
-    """real/hand-written per objective, precision, batch and compile (wall and CPU time); bf16 over fp32."""
+    """Per objective, requested precision, batch and compile: real/hand-written at the precision train.py chose
+    (wall and CPU time), and the bf16-mixed speed-up over the same objective's fp32 run."""
     out = []
-    configs = sorted({(r["precision"], r["batch_size"], r["compile"]) for r in records}, key=str)
-    for precision, batch, compile_ in configs:
-        same = [r for r in records if (r["precision"], r["batch_size"], r["compile"]) == (precision, batch, compile_)]
-        hand = [r for r in same if r["kind"] == "hand_written"]
-        for objective in dict.fromkeys(r["objective"] for r in same if r["kind"] == "real"):
-            real = [r for r in same if r["objective"] == objective]
-            row = {"objective": objective, "precision": precision, "batch_size": batch, "compile": compile_,
-                   "trainer_precision": real[0]["raw"]["trainer_precision"],
-                   "real_step_time_s": _pooled(real, "step_time_s"), "real_step_cpu_s": _pooled(real, "step_cpu_s")}
-            if hand:
-                row.update(hand_step_time_s=_pooled(hand, "step_time_s"), hand_step_cpu_s=_pooled(hand, "step_cpu_s"))
-                row["ratio_wall"] = row["real_step_time_s"] / row["hand_step_time_s"]
-                if row["real_step_cpu_s"] and row["hand_step_cpu_s"]:
-                    row["ratio_cpu_time"] = row["real_step_cpu_s"] / row["hand_step_cpu_s"]
-            fp32 = [r for r in records if r["kind"] == "real" and r["objective"] == objective
-                    and r["batch_size"] == batch and r["compile"] == compile_ and r["raw"]["trainer_precision"]
-                    in ("32-true", "32")]
-            if "bf16" in row["trainer_precision"] and fp32:
-                row["bf16_speedup_vs_fp32"] = _pooled(fp32, "step_time_s") / row["real_step_time_s"]
-                if row["real_step_cpu_s"]:
-                    row["bf16_speedup_vs_fp32_cpu_time"] = _pooled(fp32, "step_cpu_s") / row["real_step_cpu_s"]
-            out.append(row)
+    real = [r for r in records if r["kind"] == "real"]
+    hand = [r for r in records if r["kind"] == "hand_written"]
+    groups = dict.fromkeys((r["objective"], r["precision"], r["batch_size"], r["compile"]) for r in real)
+    for objective, precision, batch, compile_ in groups:
+        mine = [r for r in real if (r["objective"], r["precision"], r["batch_size"], r["compile"])
+                == (objective, precision, batch, compile_)]
+        picked = chosen(mine[0]["raw"]["trainer_precision"])
+        row = {"objective": objective, "precision": precision, "batch_size": batch, "compile": compile_,
+               "trainer_precision": picked, "real_step_time_s": _pooled(mine, "step_time_s"),
+               "real_step_cpu_s": _pooled(mine, "step_cpu_s")}
+        lower = [r for r in hand if (r["precision"], r["batch_size"], r["compile"]) == (picked, batch, compile_)]
+        if lower:
+            row.update(hand_step_time_s=_pooled(lower, "step_time_s"), hand_step_cpu_s=_pooled(lower, "step_cpu_s"))
+            row["ratio_wall"] = row["real_step_time_s"] / row["hand_step_time_s"]
+            if row["real_step_cpu_s"] and row["hand_step_cpu_s"]:
+                row["ratio_cpu_time"] = row["real_step_cpu_s"] / row["hand_step_cpu_s"]
+        fp32 = [r for r in real if r["objective"] == objective and r["batch_size"] == batch
+                and r["compile"] == compile_ and chosen(r["raw"]["trainer_precision"]) == "32-true"]
+        if picked == "bf16-mixed" and fp32:
+            row["bf16_speedup_vs_fp32"] = _pooled(fp32, "step_time_s") / row["real_step_time_s"]
+            if row["real_step_cpu_s"]:
+                row["bf16_speedup_vs_fp32_cpu_time"] = _pooled(fp32, "step_cpu_s") / row["real_step_cpu_s"]
+        out.append(row)
     return out
 
 

@@ -193,7 +193,9 @@ def real_step_section(d: dict, summary: dict) -> list[str]:
                   "| objective | precision | batch | compile | real / hand-written (wall) | (CPU time) "
                   "| bf16 speed-up (wall) | (CPU time) |", "|---|---|---|---|---|---|---|---|"]
         for c in comps:
-            lines.append(f"| {c['objective']} | {c['trainer_precision']} | {c['batch_size']} "
+            asked = c["precision"] if c["precision"] == c["trainer_precision"] else \
+                f"{c['precision']} → {c['trainer_precision']}"
+            lines.append(f"| {c['objective']} | {asked} | {c['batch_size']} "
                          f"| {'on' if c['compile'] else 'off'} | {_num(c.get('ratio_wall'), '.3f')} "
                          f"| {_num(c.get('ratio_cpu_time'), '.3f')} | {_num(c.get('bf16_speedup_vs_fp32'), '.2f')} "
                          f"| {_num(c.get('bf16_speedup_vs_fp32_cpu_time'), '.2f')} |")

@@ -69,18 +69,28 @@ def test_real_step_times_train_py_and_the_hand_written_step(tiny_run, bench_dir)
     assert (bench_dir / "latents_32x64" / "metadata.json").is_file()  # the project's encoder wrote the cache
 
 
-def test_bf16_speedup_and_ratios_are_paired_by_configuration():
-    def rec(kind, objective, precision, step, cpu):
+def test_ratios_pair_each_run_with_the_precision_train_py_chose():
+    def rec(kind, objective, precision, step, cpu, picked=None):
         return {"kind": kind, "objective": objective, "precision": precision, "batch_size": 4, "compile": False,
-                "step_time_s": step, "step_cpu_s": cpu, "raw": {"trainer_precision": precision}}
+                "step_time_s": step, "step_cpu_s": cpu, "raw": {"trainer_precision": picked or precision}}
 
     rows = real_step.compare([rec("hand_written", None, "32-true", 1.0, 2.0), rec("real", "flow", "32-true", 1.1, 2.4),
                               rec("hand_written", None, "bf16-mixed", 0.5, 1.0),
-                              rec("real", "flow", "bf16-mixed", 0.55, 1.2)])
-    fp32, bf16 = rows
+                              rec("real", "flow", "auto", 0.55, 1.2, picked="bf16-mixed")])
+    fp32, auto = rows
     assert fp32["ratio_wall"] == pytest.approx(1.1) and fp32["ratio_cpu_time"] == pytest.approx(1.2)
-    assert bf16["ratio_wall"] == pytest.approx(1.1) and bf16["bf16_speedup_vs_fp32"] == pytest.approx(2.0)
-    assert bf16["bf16_speedup_vs_fp32_cpu_time"] == pytest.approx(2.0) and "bf16_speedup_vs_fp32" not in fp32
+    assert auto["trainer_precision"] == "bf16-mixed" and auto["ratio_wall"] == pytest.approx(1.1)
+    assert auto["bf16_speedup_vs_fp32"] == pytest.approx(2.0) and auto["bf16_speedup_vs_fp32_cpu_time"] == 2.0
+    assert "bf16_speedup_vs_fp32" not in fp32
+
+
+def test_auto_precision_replaces_the_explicit_run_of_its_choice():
+    from workflow.hardware import cpu_has_native_bf16
+
+    picked = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    other = {"bf16-mixed": "32-true", "32-true": "bf16-mixed"}[picked]
+    assert real_step.plan_precisions(["auto", "32-true", "bf16-mixed"], "cpu") == (["auto", other], picked)
+    assert real_step.plan_precisions(["32-true"], "cpu") == (["32-true"], None)
 
 
 def test_datasheet_peak_of_the_exact_device_or_unknown():
