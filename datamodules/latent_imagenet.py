@@ -21,6 +21,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from datamodules.latent_cache import CacheSpec, build_cache, check_compatible, is_complete, read_metadata
 from datamodules.vae import DEFAULT_VAE, KNOWN_VAES, SD_SCALE_FACTOR, VAE, check_vae_available
+from workflow.data_order import ResumableLoader, ignore_scheduler_signals
 
 
 class LatentDataset(Dataset):
@@ -132,6 +133,7 @@ class LatentImageNetDataModule(L.LightningDataModule):
         random_flip: bool = True,
         val_size: int = 0,
         seed: int = 0,
+        shuffle_seed: int = 0,  # the training order (train.py passes its seed): workflow/data_order.py
         encode_batch_size: int = 64,
         encode_num_workers: int = 8,
         encode_device: str = "auto",
@@ -155,6 +157,7 @@ class LatentImageNetDataModule(L.LightningDataModule):
         self.pin_memory, self.drop_last = pin_memory, drop_last
         self.sample_posterior, self.random_flip = sample_posterior, random_flip
         self.val_size, self.seed = val_size, seed
+        self.shuffle_seed = shuffle_seed
         self.encode_batch_size, self.encode_num_workers = encode_batch_size, encode_num_workers
         self.encode_device, self.shard_size, self.keep_shards = encode_device, shard_size, keep_shards
         self.progress = progress
@@ -235,11 +238,19 @@ class LatentImageNetDataModule(L.LightningDataModule):
             num_workers=self.num_workers, collate_fn=collate_latents,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_scheduler_signals if self.num_workers else None,  # workflow/preemption.py
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Seeded by shuffle_seed, resumable mid-epoch, this rank's share under DDP (workflow/data_order.py)."""
         self.setup()
-        return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+        trainer = self.trainer
+        return ResumableLoader(
+            self.train_set, batch_size=min(self.batch_size, len(self.train_set)), seed=self.shuffle_seed,
+            drop_last=self.drop_last, rank=trainer.global_rank if trainer else None,
+            world_size=trainer.world_size if trainer else None, num_workers=self.num_workers,
+            collate_fn=collate_latents, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
         """Held-out latents (data.val_size of them); none when val_size is 0."""

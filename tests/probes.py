@@ -57,3 +57,19 @@ def wandb_records(path: str):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(parts)
             yield record
+
+
+def fake_submitit_requeue(signum, frame) -> None:
+    """Stands in for submitit's USR2 handler (checkpoint_and_try_requeue): records what it found on disk when it
+    ran (the run's last.ckpt step) in $FAKE_REQUEUE_LOG, then exits like submitit does after requeueing."""
+    import os
+    import sys
+
+    import torch
+
+    log = os.environ["FAKE_REQUEUE_LOG"]
+    last = os.path.join(os.environ["FAKE_RUN_DIR"], "checkpoints", "last.ckpt")
+    step = torch.load(last, weights_only=True)["global_step"] if os.path.exists(last) else None
+    with open(log, "w") as f:
+        json.dump({"signal": int(signum), "last_ckpt_step": step}, f)
+    sys.exit(-1)

@@ -102,6 +102,8 @@ class ResumableLoader(DataLoader):
         sampler = self.sampler
         sampler.epoch, sampler.skip = self._resume if self._resume is not None else (self._next_pass, 0)
         self._resume, self._next_pass, self.consumed = None, sampler.epoch + 1, sampler.skip
+        # worker seeds (torch.initial_seed() in a worker) from (seed, pass), not from the global RNG's state
+        self.generator = torch.Generator().manual_seed(sampler.seed * 1_000_003 + sampler.epoch)
         for batch in super().__iter__():
             self.consumed += self.batch_size
             yield batch
