@@ -84,13 +84,17 @@ def cpu_model() -> str:
 
 
 def git_commit() -> dict:
-    """HEAD commit and whether the work tree differs from it (a dirty tree means numbers may not reproduce)."""
+    """HEAD commit and whether the code differs from it (a dirty tree means numbers may not reproduce).
+
+    Result files (results/, docs/RESULTS.md) do not count: `make bench` rewrites them while it runs.
+    """
     def run(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=20).stdout.strip()
     try:
         return {"commit": run("rev-parse", "HEAD") or "unknown",
-                "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+                "dirty": bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results",
+                                  ":!docs/RESULTS.md"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
 
