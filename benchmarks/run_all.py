@@ -207,7 +207,7 @@ def real_step_section(d: dict, summary: dict) -> list[str]:
 
 def train_step_section(d: dict, summary: dict) -> list[str]:
     cmd = summary.get("commands", {}).get("train_step") or (d.get("machine") or {}).get("command")
-    lines = ["## Hand-written training step (`benchmarks/train_step.py`)", "",
+    lines = ["## Training step throughput, hand-written (`benchmarks/train_step.py`)", "",
              f"Command: `{cmd}`  ",
              f"{d.get('model')}, batch {d['config'].get('batch_size')}, device {d.get('device')} "
              f"({d.get('device_name')}), {d.get('threads')} threads, torch {d.get('torch')}; "
