@@ -1,7 +1,8 @@
 """pytest plugin for the GPU check: keep only the suite's CUDA-only tests and write their outcomes as JSON.
 
 A test counts as CUDA-only when it carries a `cuda` or `gpu` marker, a skipif whose reason names CUDA or a
-GPU, or "cuda" in its name/id. Everything else is deselected (it already runs on CPU in CI).
+GPU and whose condition does not skip it here (so "needs CUDA" counts on a GPU machine, "checks the message on
+a machine without GPUs" does not), or "cuda" in its name/id. Everything else is deselected (it already runs on CPU in CI).
 
     GPU_TESTS_JSON=out.json python -m pytest -q -p benchmarks.gpu_tests tests
 """
@@ -17,12 +18,14 @@ _outcomes: dict[str, str] = {}
 
 
 def is_cuda_only(item) -> bool:
-    """Marked for CUDA, skipped without it, or named after it."""
+    """Marked for CUDA, skipped without it (a CUDA/GPU skipif that does not skip here), or named after it."""
     for mark in item.iter_markers():
         if mark.name in ("cuda", "gpu"):
             return True
         if mark.name == "skipif" and CUDA_WORD.search(str(mark.kwargs.get("reason", ""))):
-            return True
+            condition = mark.args[0] if mark.args else mark.kwargs.get("condition", False)
+            if not (isinstance(condition, bool) and condition):  # a test for machines WITHOUT a GPU skips here
+                return True
     return "cuda" in item.nodeid.lower()
 
 

@@ -113,21 +113,24 @@ def test_gpu_check_fails_with_one_line_without_a_gpu():
         assert len(proc.stderr.strip().splitlines()) == 1 and "gpu_check:" in proc.stderr
 
 
-def test_gpu_test_selection_keeps_only_cuda_tests(tmp_path):
-    (tmp_path / "test_mix.py").write_text(
+def test_gpu_test_selection_keeps_only_device_tests(tmp_path):
+    (tmp_path / "test_mix.py").write_text(  # as pytest sees them on a GPU machine
         "import pytest\n"
         "def test_plain():\n    pass\n"
-        "@pytest.mark.skipif(True, reason='needs CUDA')\ndef test_skipped_without_it():\n    pass\n"
+        "@pytest.mark.skipif(False, reason='needs CUDA')\ndef test_runs_only_with_it():\n    assert 0\n"
         "def test_sync_free_on_cuda():\n    pass\n"
+        "@pytest.mark.skipif(True, reason='checks the message on a machine without GPUs')\n"
+        "def test_for_cpu_machines():\n    pass\n"
         "@pytest.mark.skipif(True, reason='slow on CPU')\ndef test_other_skip():\n    pass\n")
     report = tmp_path / "report.json"
     env = {**os.environ, "GPU_TESTS_JSON": str(report), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "benchmarks.gpu_tests", "-p", "no:cacheprovider",
                            str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout
-    tests = json.loads(report.read_text())["tests"]
-    assert {k.split("::")[1]: v for k, v in tests.items()} == {"test_skipped_without_it": "skipped",
-                                                                "test_sync_free_on_cuda": "passed"}
+    assert proc.returncode == 1, proc.stdout  # the selected CUDA test fails: the check must say so
+    report = json.loads(report.read_text())
+    assert {k.split("::")[1]: v for k, v in report["tests"].items()} == {"test_runs_only_with_it": "failed",
+                                                                          "test_sync_free_on_cuda": "passed"}
+    assert report["counts"] == {"passed": 1, "failed": 1, "skipped": 0}
 
 
 def test_sampling_and_loader_phases_run_on_cpu(tiny_run, bench_dir):
