@@ -1,7 +1,7 @@
 """The one-command GPU check (run through benchmarks/gpu_check.sh); random weights, no network; one JSON.
 
 Phases (each timed; a failing phase is recorded and the rest still run; the JSON is rewritten after each):
-  train     DiT-B/2 bf16-mixed through train.py (benchmarks/real_step.py) at per-GPU batch 32 and 256, with
+  train     (and train_compiled) DiT-B/2 bf16-mixed through train.py (benchmarks/real_step.py) at per-GPU batch 32 and 256, with
             and without compile: step time, images/s, MFU against the exact device's dense datasheet peak,
             peak memory, host syncs in the timed window, the SDPA kernels used (flash / efficient / cudnn /
             math); the hand-written step (eager) beside it for Lightning's overhead.
@@ -37,6 +37,7 @@ from benchmarks.common import REPO_ROOT, CountingNet, machine_info, write_json  
 SDPA_BACKENDS = (("flash", "flash_attention"), ("efficient", "efficient_attention"), ("cudnn", "cudnn_attention"),
                  ("math", "attention_math"))
 BUDGET_S = 8 * 60
+PHASES = ("train", "train_compiled", "sampling", "loader", "tests")  # a failed compile keeps the eager figures
 
 
 def sdpa_backend(ops: list[str] | None) -> str:
@@ -184,14 +185,15 @@ def cuda_tests(out_json: Path, timeout_s: int) -> dict:
             "no_tests_selected": proc.returncode == 5, "output_tail": proc.stdout[-2000:]}
 
 
-def train_phase(args, work: Path) -> dict:
-    """DiT-B/2 bf16 through train.py at the two batch sizes, eager and compiled, via real_step."""
+def train_phase(args, work: Path, compile_: bool) -> dict:
+    """DiT-B/2 bf16 through train.py at the two batch sizes, eager (+ the hand-written step) or compiled."""
     from benchmarks.real_step import main as real_step_main
 
     argv = ["--model", args.model, "--objectives", args.objective, "--precisions", "bf16-mixed",
-            "--batch-sizes", *map(str, args.batch_sizes), "--compile", "off", "on", "--device", "cuda",
-            "--warmup", str(args.warmup), "--steps", str(args.steps), "--images", str(args.images),
-            "--no-hand-written-compiled", "--workdir", str(work), "--out", str(work / "real_step.json"),
+            "--batch-sizes", *map(str, args.batch_sizes), "--compile", "on" if compile_ else "off",
+            "--device", "cuda", "--warmup", str(args.warmup), "--steps", str(args.steps), "--images",
+            str(args.images), "--no-hand-written-compiled", "--workdir", str(work),
+            "--out", str(work / f"real_step_{'compiled' if compile_ else 'eager'}.json"),
             *sum((["--override", o] for o in args.override), [])]
     result = real_step_main(argv)
     for rec in result["records"]:
@@ -203,8 +205,7 @@ def train_phase(args, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "gpu_check.json")
-    p.add_argument("--phases", nargs="+", default=["train", "sampling", "loader", "tests"],
-                   choices=("train", "sampling", "loader", "tests"))
+    p.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     p.add_argument("--model", default="dit_b", help="conf/model option")
     p.add_argument("--objective", default="diffusion", help="objective of the training phase (diffusion + VLB)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 256])
@@ -234,13 +235,12 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_info("bash " + shlex.join(["benchmarks/gpu_check.sh", *argv]))}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(args.workdir or tmp).resolve()
-        data = None
         for phase in args.phases:
             start = time.time()
             print(f"[gpu_check] phase {phase} (at {start - t0:.0f}s)", flush=True)
             try:
-                if phase == "train":
-                    result["phases"]["train"] = train_phase(args, work)
+                if phase in ("train", "train_compiled"):
+                    result["phases"][phase] = train_phase(args, work, compile_=phase == "train_compiled")
                 elif phase == "sampling":
                     steps = ((("diffusion", "ddpm", 10), ("flow", "heun", 5)) if args.quick
                              else (("diffusion", "ddpm", 250), ("flow", "heun", 50)))

@@ -241,17 +241,17 @@ def gpu_check_section(d: dict | None, summary: dict) -> list[str]:
                     + (" — quick sizes" if d.get("quick") else "") + "."]
     for phase, err in (d.get("errors") or {}).items():
         lines.append(f"\nPhase {phase} FAILED: `{err[:300]}`")
-    train = d["phases"].get("train")
-    if train:
+    trains = [d["phases"][k] for k in ("train", "train_compiled") if d["phases"].get(k)]
+    if trains:
         lines += ["", "| step | batch | compile | step time | images/s | MFU (datasheet) | SDPA | host syncs/window "
                   "| peak memory |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in train["records"]:
+        for r in (r for t in trains for r in t["records"]):
             name = f"{r['objective']} (train.py)" if r["kind"] == "real" else "hand-written"
             syncs = r["raw"].get("host_syncs_in_window", r["raw"].get("host_syncs_in_timed_loop"))
             lines.append(f"| {name} | {r['batch_size']} | {'on' if r['compile'] else 'off'} | {_ms(r['step_time_s'])} "
                          f"| {r['images_per_s']:.0f} | {_fraction(r)} | {r.get('sdpa_backend', '–')} "
                          f"| {_num(syncs, 'd')} | {_gib(r['raw'].get('peak_memory_bytes'))} |")
-        for c in train.get("comparisons") or []:
+        for c in (c for t in trains for c in t.get("comparisons") or []):
             if c.get("ratio_wall"):
                 lines.append(f"\nreal / hand-written, {c['objective']} batch {c['batch_size']} compile "
                              f"{'on' if c['compile'] else 'off'}: {c['ratio_wall']:.3f}")
