@@ -92,7 +92,10 @@ def git_commit() -> dict:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=20).stdout.strip()
     try:
-        return {"commit": run("rev-parse", "HEAD") or "unknown",
+        commit = run("rev-parse", "HEAD")
+        if not commit:  # not a git checkout (e.g. an unpacked archive)
+            return {"commit": "unknown", "dirty": None}
+        return {"commit": commit,
                 "dirty": bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results",
                                   ":!docs/RESULTS.md"))}
     except (OSError, subprocess.SubprocessError):
