@@ -1,13 +1,14 @@
 """`make bench`: run the CPU benchmarks, each as its own CLI in a subprocess, and collect their JSON.
 
-    python benchmarks/run_all.py                      # train_step, latent_loader, sampling -> results/*.json
+    python benchmarks/run_all.py                      # real_step, train_step, latent_loader, sampling -> results/*.json
     python benchmarks/run_all.py --only sampling      # a subset
     python benchmarks/run_all.py --quick              # tiny sizes (smoke test of the driver)
     python benchmarks/run_all.py --report-only        # rewrite docs/RESULTS.md from results/*.json
 
 sampling needs trained checkpoints: those of `make table1` (results/table1.json, seed 0) when they are on
 disk, else one train.py multirun over the three objectives (--sampling-train-steps) under outputs/bench/.
-Every run ends by regenerating docs/RESULTS.md from whatever results/*.json exist, with command and machine.
+Every run ends by regenerating docs/RESULTS.md from whatever results/*.json exist; each section names the command
+and the machine recorded in its own JSON (never another file's).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, write_json  # noqa: E402
 
-BENCHMARKS = ("train_step", "latent_loader", "sampling")
+BENCHMARKS = ("real_step", "train_step", "latent_loader", "sampling")
+OUTPUTS = {"real_step": "bench_real_step.json", "train_step": "bench_train_step.json"}  # others: <name>.json
 RESULTS_MD = REPO_ROOT / "docs" / "RESULTS.md"
 PY = sys.executable
 
@@ -36,6 +38,15 @@ def train_step_cmd(out: Path, quick: bool) -> list[str]:
     if quick:
         cmd += ["--depth", "1", "--hidden-size", "64", "--num-heads", "2", "--input-size", "8", "--warmup", "1",
                 "--steps", "2", "--windows", "1", "--matmul-size", "256", "--matmul-repeats", "2"]
+    return cmd
+
+
+def real_step_cmd(out: Path, quick: bool) -> list[str]:
+    """What users run (train.py per objective, fp32 and bf16-mixed) beside the hand-written step, DiT-S/2 batch 4."""
+    cmd = [PY, "benchmarks/real_step.py", "--rounds", "1" if quick else "2", "--out", str(out)]
+    if quick:
+        cmd += ["--resolution", "64", "--warmup", "1", "--steps", "2", "--matmul-size", "256", "--matmul-repeats", "1",
+                "--override", "model.depth=1", "--override", "model.hidden_size=64", "--override", "model.num_heads=2"]
     return cmd
 
 
@@ -105,28 +116,160 @@ def _load(name: str, results_dir: Path) -> dict | None:
 
 
 def _machine_line(m: dict | None) -> str:
+    """The machine facts a result file recorded about itself (nothing is borrowed from another file)."""
     if not m:
-        return "machine: not recorded"
+        return "machine: not recorded in this result file"
     commit = (m.get("git_commit") or "unknown")[:10]
-    load = m.get("load_avg_1min")
-    return (f"machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, torch {m.get('torch')}, "
+    flags = m.get("cpu_flags")
+    flag_text = (", CPU flags " + " ".join(f"{k}{'+' if v else '-'}" for k, v in flags.items())) if flags else ""
+    gpu = m.get("gpu")
+    gpu_text = ""
+    if isinstance(gpu, dict):
+        gpu_text = (f", GPU {gpu.get('name')} (datasheet: {gpu.get('datasheet_device') or 'unknown'}), driver "
+                    f"{gpu.get('driver')}, CUDA {gpu.get('cuda_runtime')}")
+    elif gpu:
+        gpu_text = f", GPU {gpu}"
+    load = m.get("load_avg_1_5_15") or ([m["load_avg_1min"]] if m.get("load_avg_1min") is not None else None)
+    return (f"machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores{flag_text}{gpu_text}, torch {m.get('torch')}, "
             f"commit {commit}{' (dirty tree)' if m.get('git_dirty') else ''}, {m.get('date_utc')}"
-            + (f", 1-min load average {load:.1f} when written" if load is not None else ""))
+            + (f", load average {'/'.join(f'{x:.1f}' for x in load)} when written" if load else "")
+            + (f"; process: `{m['command'].replace(str(REPO_ROOT) + '/', '')}`" if m.get("command") else ""))
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None else f"{1e3 * x:.1f} ms"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _gib(x: float | None) -> str:
+    return "–" if x is None else f"{x / 2**30:.2f} GiB"
+
+
+def _fraction(r: dict) -> str:
+    """'matmul fraction' on CPU (wall / CPU time), MFU against the datasheet on GPU, or unknown."""
+    if r.get("matmul_fraction") is not None:
+        cpu = r.get("matmul_fraction_cpu_time")
+        return f"{100 * r['matmul_fraction']:.0f}%" + (f" / {100 * cpu:.0f}%" if cpu is not None else "")
+    if r.get("mfu") is not None:
+        return f"MFU {100 * r['mfu']:.1f}%"
+    return "unknown" if r.get("peak_source", "").startswith("unknown") else "–"
+
+
+def real_step_section(d: dict, summary: dict) -> list[str]:
+    """The real (train.py) step per objective and precision beside the hand-written lower bound."""
+    net, cfg, cache = d["net"], d["config"], d["cache"]
+    cmd = summary.get("commands", {}).get("real_step") or (d.get("machine") or {}).get("command")
+    on_cpu = cfg.get("device") == "cpu"
+    lines = ["## Training step as users run it (`benchmarks/real_step.py`)", "",
+             f"Command: `{cmd}`  ",
+             f"`model={d['model']}` (patch {net['patch_size']}, hidden {net['hidden_size']}, depth {net['depth']}, "
+             f"{net['num_heads']} heads), latents {cache['latent_shape']} from a synthetic cache of {cache['images']} "
+             f"images written by the project's encoder (tiny random VAE: only the shape matters), device "
+             f"{cfg.get('device')}, data.num_workers {cfg.get('num_workers')}; {cfg.get('warmup')} untimed then "
+             f"{cfg.get('steps')} timed steps, one `train.py` process per row (the hand-written step: "
+             "`benchmarks/train_step.py`, its own process). A step is the time between two batch starts inside "
+             "Lightning's loop (data, forward, loss, backward, AdamW, EMA, logging). "
+             + ("Fraction = FLOP rate / a 2048³ matmul of the same dtype measured in the same process (wall / "
+                "CPU time; CPU time is immune to other jobs on the cores), not MFU." if on_cpu else
+                "MFU = FLOP rate / the exact device's dense datasheet peak."), "",
+             "| round | step | precision → chosen | batch | compile | step time | images/s | CPU-s/step | GFLOP/s "
+             "| fraction | peak memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["records"]:
+        chosen = r["raw"].get("trainer_precision", r["raw"].get("precision", r["precision"]))
+        name = f"{r['objective']} (train.py)" if r["kind"] == "real" else "hand-written"
+        lines.append(f"| {r.get('round', 0)} | {name} | {r['precision']} → {chosen} | {r['batch_size']} "
+                     f"| {'on' if r['compile'] else 'off'} "
+                     f"| {_ms(r['step_time_s'])} | {_num(r['images_per_s'], '.2f')} | {_num(r.get('step_cpu_s'), '.2f')} "
+                     f"| {_num((r.get('achieved_flops_per_s') or 0) / 1e9 or None, '.1f')} | {_fraction(r)} "
+                     f"| {_gib(r['raw'].get('peak_memory_bytes'))} |")
+    comps = d.get("comparisons") or []
+    if comps:
+        lines += ["", "Lightning's and the project's cost over the hand-written step (real / hand-written step time, "
+                  "medians over rounds; target ≤ 1.10 on CPU, ≤ 1.03 on GPU), and bf16-mixed over fp32 (target ≥ 1.5x "
+                  "on a CPU with AVX-512 BF16):", "",
+                  "| objective | precision | batch | compile | real / hand-written (wall) | (CPU time) "
+                  "| bf16 speed-up (wall) | (CPU time) |", "|---|---|---|---|---|---|---|---|"]
+        for c in comps:
+            asked = c["precision"] if c["precision"] == c["trainer_precision"] else \
+                f"{c['precision']} → {c['trainer_precision']}"
+            lines.append(f"| {c['objective']} | {asked} | {c['batch_size']} "
+                         f"| {'on' if c['compile'] else 'off'} | {_num(c.get('ratio_wall'), '.3f')} "
+                         f"| {_num(c.get('ratio_cpu_time'), '.3f')} | {_num(c.get('bf16_speedup_vs_fp32'), '.2f')} "
+                         f"| {_num(c.get('bf16_speedup_vs_fp32_cpu_time'), '.2f')} |")
+    sdpa = sorted({op for r in d["records"] for op in (r["raw"].get("sdpa_ops") or []) if "backward" not in op})
+    if sdpa:
+        lines += ["", f"Attention kernels seen in a profiled step: {', '.join(f'`{o}`' for o in sdpa)}."]
+    return lines + [""]
 
 
 def train_step_section(d: dict, summary: dict) -> list[str]:
-    lines = ["## Training step throughput (`benchmarks/train_step.py`)", "",
-             f"Command: `{summary.get('commands', {}).get('train_step', 'python benchmarks/train_step.py')}`  ",
+    cmd = summary.get("commands", {}).get("train_step") or (d.get("machine") or {}).get("command")
+    lines = ["## Training step throughput, hand-written (`benchmarks/train_step.py`)", "",
+             f"Command: `{cmd}`  ",
              f"{d.get('model')}, batch {d['config'].get('batch_size')}, device {d.get('device')} "
-             f"({d.get('device_name')}), {d.get('threads')} threads, torch {d.get('torch')}.", "",
-             "| precision | step time (median) | images/s | achieved GFLOP/s | peak GFLOP/s (source) | MFU |",
-             "|---|---|---|---|---|---|"]
+             f"({d.get('device_name')}), {d.get('threads')} threads, torch {d.get('torch')}; "
+             + ("each precision in its own process (its own peak memory). " if d.get("separate_processes") else "")
+             + "Fraction = FLOP rate / same-dtype matmul measured in the same process on CPU (not MFU); "
+             "MFU against the datasheet on a known GPU.", "",
+             "| precision | step time (median) | images/s | CPU-s/step | achieved GFLOP/s | reference GFLOP/s (source) "
+             "| fraction (wall / CPU time) | peak memory |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in d["runs"]:
+        frac = (f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "unknown") + (
+            f" / {100 * r['mfu_cpu_time']:.1f}%" if r.get("mfu_cpu_time") else "")
+        ref = f"{r['peak_flops_per_s'] / 1e9:.1f}" if r.get("peak_flops_per_s") else "–"
         lines.append(f"| {r['precision']} | {1e3 * r['step_time_s_median']:.1f} ms | {r['images_per_s']:.2f} "
-                     f"| {r['achieved_flops_per_s'] / 1e9:.1f} | {r['peak_flops_per_s'] / 1e9:.1f} "
-                     f"({r.get('peak_source')}) | {100 * r['mfu']:.1f}% |")
+                     f"| {_num(r.get('step_cpu_time_s_median'), '.2f')} | {r['achieved_flops_per_s'] / 1e9:.1f} "
+                     f"| {ref} ({r.get('peak_source')}) | {frac} | {_gib(r.get('peak_memory_bytes'))} |")
     if d.get("bf16_speedup_vs_fp32"):
-        lines.append(f"\nbf16-mixed speed-up over fp32: {d['bf16_speedup_vs_fp32']:.2f}x.")
+        cpu = d.get("bf16_speedup_vs_fp32_cpu_time")
+        lines.append(f"\nbf16-mixed speed-up over fp32: {d['bf16_speedup_vs_fp32']:.2f}x"
+                     + (f" ({cpu:.2f}x in CPU time)" if cpu else "") + ".")
+    return lines + [""]
+
+
+def gpu_check_section(d: dict | None, summary: dict) -> list[str]:
+    """benchmarks/gpu_check.sh's JSON: training MFU, SDPA kernel, sampling and loader throughput, CUDA tests."""
+    head = ["## GPU check (`bash benchmarks/gpu_check.sh`)", ""]
+    if d is None:
+        return head + ["Not run yet: `results/gpu_check.json` is written by `bash benchmarks/gpu_check.sh` on a "
+                       "CUDA machine (it exits with one line and code 2 elsewhere).", ""]
+    lines = head + [f"Total {d['seconds'].get('total', 0):.0f} s (budget {d.get('budget_s')} s)"
+                    + (" — quick sizes" if d.get("quick") else "") + "."]
+    for phase, err in (d.get("errors") or {}).items():
+        lines.append(f"\nPhase {phase} FAILED: `{err[:300]}`")
+    trains = [d["phases"][k] for k in ("train", "train_compiled") if d["phases"].get(k)]
+    if trains:
+        lines += ["", "| step | batch | compile | step time | images/s | MFU (datasheet) | SDPA | host syncs/window "
+                  "| peak memory |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for t in trains for r in t["records"]):
+            name = f"{r['objective']} (train.py)" if r["kind"] == "real" else "hand-written"
+            syncs = r["raw"].get("host_syncs_in_window", r["raw"].get("host_syncs_in_timed_loop"))
+            lines.append(f"| {name} | {r['batch_size']} | {'on' if r['compile'] else 'off'} | {_ms(r['step_time_s'])} "
+                         f"| {r['images_per_s']:.0f} | {_fraction(r)} | {r.get('sdpa_backend', '–')} "
+                         f"| {_num(syncs, 'd')} | {_gib(r['raw'].get('peak_memory_bytes'))} |")
+        for c in (c for t in trains for c in t.get("comparisons") or []):
+            if c.get("ratio_wall"):
+                lines.append(f"\nreal / hand-written, {c['objective']} batch {c['batch_size']} compile "
+                             f"{'on' if c['compile'] else 'off'}: {c['ratio_wall']:.3f}")
+    sampling = d["phases"].get("sampling")
+    if sampling:
+        lines += ["", "| sampler | NFE | cfg scale | batch | images/s |", "|---|---|---|---|---|"]
+        for s in sampling:
+            lines.append(f"| {s['objective']} {s['sampler']}-{s['num_steps']} | {s['nfe']} | {s['cfg_scale']} "
+                         f"| {s['batch_size']} | {s['images_per_s']:.1f} |")
+    loader = d["phases"].get("loader")
+    if loader:
+        lines.append(f"\nLatent loader into the GPU, batch {loader['batch_size']}: datamodule ({loader['num_workers']} "
+                     f"workers, posterior on CPU) {loader['datamodule_cpu_posterior']['latents_per_s']:,.0f} latents/s; "
+                     f"posterior on the GPU (1 process) "
+                     f"{loader['device_posterior_single_process']['latents_per_s']:,.0f} latents/s.")
+    tests = d["phases"].get("tests")
+    if tests:
+        lines.append(f"\nCUDA-only tests: {tests.get('counts')} (`{tests.get('command')}`).")
     return lines + [""]
 
 
@@ -193,17 +336,19 @@ def write_results_md(results_dir: Path = RESULTS_DIR, path: Path = RESULTS_MD) -
         body = table1_md.read_text().splitlines()
         lines += ["## Table 1 on digits (`make table1`)", ""] + [ln for ln in body[1:] if not ln.startswith("# ")]
         lines.append("")
-    sections = (("bench_train_step.json", train_step_section), ("latent_loader.json", latent_loader_section),
-                ("sampling.json", sampling_section))
+    sections = (("bench_real_step.json", real_step_section), ("bench_train_step.json", train_step_section),
+                ("latent_loader.json", latent_loader_section), ("sampling.json", sampling_section),
+                ("gpu_check.json", gpu_check_section))
     for name, render in sections:
         d = _load(name, results_dir)
-        if d is None:
+        if d is None and render is not gpu_check_section:
             continue
         try:
             lines += render(d, summary)
         except (KeyError, TypeError, StopIteration) as err:  # a format change upstream: say so, keep the rest
             lines += [f"## {name}", "", f"(could not render {name}: {type(err).__name__} {err}; see the JSON)", ""]
-        lines.append(_machine_line(d.get("machine") or summary.get("machine")) + "\n")
+        if d is not None:
+            lines.append(_machine_line(d.get("machine")) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
@@ -236,8 +381,10 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(a.workdir)
     summary = {"benchmark": "bench_summary", "quick": a.quick, "commands": {}, "seconds": {}, "outputs": {}}
     for name in only:
-        out = out_dir / ("bench_train_step.json" if name == "train_step" else f"{name}.json")
-        if name == "train_step":
+        out = out_dir / OUTPUTS.get(name, f"{name}.json")
+        if name == "real_step":
+            cmd = real_step_cmd(out, a.quick)
+        elif name == "train_step":
             cmd = train_step_cmd(out, a.quick)
         elif name == "latent_loader":
             cmd = latent_loader_cmd(out, a.quick)

@@ -1,10 +1,13 @@
-"""Training-step throughput and model FLOP utilisation of a DiT preset; writes JSON.
+"""The hand-written training step of a DiT preset (the lower bound of the real one): throughput, FLOP rate; JSON.
 
-One step = forward + eps-MSE loss on noised random latents + backward + AdamW + EMA update (fp32 shadow).
-MFU = architecture FLOPs per step (2 per multiply-add, training = 3x forward) / step time / peak, where the
-peak is the datasheet figure on known GPUs and, on CPU, a large matmul of the same dtype measured in this run.
-The timed loop never waits on the host: no .item(); on CUDA the steps are timed with events and the host
-syncs once per window (a sync counter from torch.cuda.set_sync_debug_mode proves it).
+One step = forward + eps-MSE loss on noised random latents + backward + AdamW + EMA update (fp32 shadow):
+no LightningModule, no data loader, no VLB term (benchmarks/real_step.py times what train.py runs).
+FLOPs per step = architecture FLOPs (2 per multiply-add, training = 3x forward). On a GPU whose datasheet is
+known (benchmarks/common.py) MFU = FLOP rate / dense datasheet peak; on an unknown GPU it is not computed; on
+CPU the reference is a large matmul of the same dtype measured in the same process ("matmul fraction", not MFU).
+Each precision runs in its own process, so each peak memory is its own. The timed loop never waits on the
+host: no .item(); on CUDA the steps are timed with events and the host syncs once per window (a sync counter
+from torch.cuda.set_sync_debug_mode proves it).
 
     python benchmarks/train_step.py --model S/2 --batch-size 4 --precision fp32 bf16-mixed --out bench.json
 """
@@ -18,7 +21,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,14 +38,11 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from backbones.dit import DiT, dit_preset  # noqa: E402
+from benchmarks.common import command_line, datasheet_peak, machine_info, write_json  # noqa: E402
+from workflow.hardware import relevant_cpu_flags  # noqa: E402
 
-# dense datasheet peaks (FLOP/s) by GPU name fragment and precision
-GPU_PEAKS = {
-    "H200": {"bf16-mixed": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "H100": {"bf16-mixed": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "A100": {"bf16-mixed": 312e12, "tf32": 156e12, "fp32": 19.5e12},
-}
 PRECISIONS = ("fp32", "tf32", "bf16-mixed")
+MATH_MODE = {"fp32": "fp32", "tf32": "tf32", "bf16-mixed": "bf16"}  # precision -> datasheet column
 
 
 class _LocalEMA:
@@ -119,14 +121,6 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
-
-
-def cpu_flags() -> dict[str, bool]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    return {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
 
 
 def cpu_bf16_native() -> bool | None:
@@ -260,19 +254,18 @@ def run_one(args, precision: str, device: torch.device) -> dict:
     }
 
 
-def peak_for(precision: str, device: torch.device, args) -> tuple[float, str, list[float] | None, list | None]:
-    """Datasheet peak on a known GPU, else the measured large-matmul rate in the precision's dtype."""
+def peak_for(precision: str, device: torch.device, args) -> tuple[float | None, str, list[float] | None,
+                                                                 list | None]:
+    """Datasheet peak of the exact GPU (None when unknown), else the measured large-matmul rate in the dtype."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, peaks in GPU_PEAKS.items():
-            if fragment in name:
-                return peaks[precision], f"datasheet {fragment} {precision} dense", None, None
+        peak, source = datasheet_peak(torch.cuda.get_device_name(device), MATH_MODE[precision])
+        return peak, source, None, None
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     rates, cpu_rates = matmul_flops_per_s(dtype, device, args.matmul_size, args.matmul_repeats)
     return statistics.median(rates), f"measured {args.matmul_size}^3 matmul {dtype} (median)", rates, cpu_rates
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="S/2", help="DiT preset S|B|L|XL / patch, e.g. B/2")
     parser.add_argument("--depth", type=int, default=None, help="override the preset depth (smoke tests)")
@@ -293,8 +286,58 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--matmul-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every precision in this process (default: one child process per precision "
+                             "when there are several, so each peak memory is its own)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_train_step.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def measure(args, precision: str, device: torch.device) -> dict:
+    """One precision in this process: the matmul reference around the timed run, and the derived ratios."""
+    peak_before, source, rates_before, cpu_before = peak_for(precision, device, args)
+    record = run_one(args, precision, device)
+    peak_after, _, rates_after, cpu_after = peak_for(precision, device, args)
+    # on CPU the matmul rate is measured around the run (shared machines drift); use all samples
+    rates = (rates_before or []) + (rates_after or [])
+    peak = statistics.median(rates) if rates else peak_before
+    record.update(peak_flops_per_s=peak, peak_source=source, matmul_flops_per_s_samples=rates or None,
+                  peak_kind="matmul fraction (same-run matmul)" if rates else "MFU (datasheet)",
+                  mfu=record["achieved_flops_per_s"] / peak if peak else None)
+    # on a shared machine, best step vs best matmul sample estimates the uncontended ratio
+    best_peak = max(rates) if rates else peak
+    record["mfu_best"] = (record["train_flops_per_step"] / min(record["step_time_s_all"]) / best_peak
+                          if best_peak else None)
+    # the same ratio in process CPU time: immune to time slices lost to other processes
+    cpu_rates = (cpu_before or []) + (cpu_after or [])
+    record["mfu_cpu_time"] = (record["train_flops_per_step"] / record["step_cpu_time_s_median"]
+                              / statistics.median(cpu_rates)) if cpu_rates else None
+    record["pid"] = os.getpid()
+    record["load_avg_1min_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    ratio = f"{record['mfu']:.1%} of {source} ({peak / 1e9:.1f} GFLOP/s)" if peak else source
+    print(f"[train_step] DiT-{args.model} b={args.batch_size} {precision} compile={args.compile}: "
+          f"{record['step_time_s_median'] * 1e3:.1f} ms/step, {record['images_per_s']:.2f} img/s, "
+          f"{record['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, {ratio}"
+          + (f"; in CPU time {record['mfu_cpu_time']:.1%}" if record["mfu_cpu_time"] else ""), flush=True)
+    return record
+
+
+def measure_in_child(argv: list[str], precision: str) -> dict:
+    """One precision in a fresh process (its own peak memory); returns its run record."""
+    with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
+        out = Path(tmp) / "run.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--precision", precision, "--out", str(out),
+               "--in-process"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if ln.startswith("[train_step] DiT")))
+        if proc.returncode != 0:
+            raise RuntimeError(f"train_step child for {precision} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())["runs"][0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -302,29 +345,10 @@ def main(argv: list[str] | None = None) -> dict:
     if "bf16-mixed" in args.precision and device.type == "cpu" and not cpu_bf16_native():
         print("[train_step] warning: this CPU has no native bf16 (no AVX-512 BF16 / AMX); bf16 GEMMs run about "
               "10x slower than fp32 here, so bf16-mixed steps will be much slower than fp32", flush=True)
-    runs = []
-    for precision in args.precision:
-        peak_before, source, rates_before, cpu_before = peak_for(precision, device, args)
-        record = run_one(args, precision, device)
-        peak_after, _, rates_after, cpu_after = peak_for(precision, device, args)
-        # on CPU the matmul rate is measured around the run (shared machines drift); use all samples
-        rates = (rates_before or []) + (rates_after or [])
-        peak = statistics.median(rates) if rates else peak_before
-        record.update(peak_flops_per_s=peak, peak_source=source, matmul_flops_per_s_samples=rates or None,
-                      mfu=record["achieved_flops_per_s"] / peak)
-        # on a shared machine, best step vs best matmul sample estimates the uncontended ratio
-        best_peak = max(rates) if rates else peak
-        record["mfu_best"] = record["train_flops_per_step"] / min(record["step_time_s_all"]) / best_peak
-        # the same ratio in process CPU time: immune to time slices lost to other processes
-        cpu_rates = (cpu_before or []) + (cpu_after or [])
-        record["mfu_cpu_time"] = (record["train_flops_per_step"] / record["step_cpu_time_s_median"]
-                                  / statistics.median(cpu_rates)) if cpu_rates else None
-        runs.append(record)
-        print(f"[train_step] DiT-{args.model} b={args.batch_size} {precision} compile={args.compile}: "
-              f"{record['step_time_s_median'] * 1e3:.1f} ms/step, {record['images_per_s']:.2f} img/s, "
-              f"{record['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {record['mfu']:.1%} of {source} "
-              f"({peak / 1e9:.1f} GFLOP/s); best step vs best matmul {record['mfu_best']:.1%}"
-              + (f"; in CPU time {record['mfu_cpu_time']:.1%}" if record["mfu_cpu_time"] else ""), flush=True)
+    if len(args.precision) > 1 and not args.in_process:
+        runs = [measure_in_child(argv, precision) for precision in args.precision]
+    else:
+        runs = [measure(args, precision, device) for precision in args.precision]
 
     by_precision = {r["precision"]: r for r in runs}
     result = {
@@ -336,16 +360,20 @@ def main(argv: list[str] | None = None) -> dict:
         or platform.machine(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": relevant_cpu_flags(),
         "cpu_bf16_native": cpu_bf16_native(),
         "torch": torch.__version__,
+        "separate_processes": len({r["pid"] for r in runs}) == len(runs),
         "runs": runs,
         "bf16_speedup_vs_fp32": (by_precision["fp32"]["step_time_s_median"]
                                  / by_precision["bf16-mixed"]["step_time_s_median"])
         if {"fp32", "bf16-mixed"} <= by_precision.keys() else None,
+        "bf16_speedup_vs_fp32_cpu_time": (by_precision["fp32"]["step_cpu_time_s_median"]
+                                          / by_precision["bf16-mixed"]["step_cpu_time_s_median"])
+        if {"fp32", "bf16-mixed"} <= by_precision.keys() and device.type == "cpu" else None,
+        "machine": machine_info(command_line(__file__, argv)),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"[train_step] wrote {args.out}")
     return result
 

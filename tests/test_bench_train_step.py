@@ -44,6 +44,14 @@ def test_train_step_json_fields(tmp_path):
         "--device", "cpu", "--out", str(out),
     ])
     on_disk = json.loads(out.read_text())
+    # each precision in its own process, so each peak memory is its own (#15 item 3)
+    assert on_disk["separate_processes"] and len({r["pid"] for r in on_disk["runs"]}) == 2
+    machine = on_disk["machine"]  # provenance in the file itself
+    assert machine["cpu_flags"]["avx512_bf16"] == ("avx512_bf16" in Path("/proc/cpuinfo").read_text())
+    assert (len(machine["git_commit"]) == 40 and machine["git_dirty"] in (True, False)
+            or machine["git_commit"] == "unknown" and machine["git_dirty"] is None)
+    assert machine["load_avg_1_5_15"]
+    assert "train_step" in machine["command"] and machine["torch"] == torch.__version__
     assert on_disk["runs"] == json.loads(json.dumps(result["runs"]))
     assert on_disk["model"] == "DiT-S/2" and on_disk["device"] == "cpu" and on_disk["threads"] >= 1
     assert [r["precision"] for r in on_disk["runs"]] == ["fp32", "bf16-mixed"]
@@ -61,5 +69,5 @@ def test_train_step_json_fields(tmp_path):
         assert math.isfinite(run["loss_mean"]) and 0 < run["loss_mean"] < 10
         assert set(run["phase_time_s_median"]) == {"forward", "backward", "optimizer", "ema"}
         assert run["params"] > 0 and run["host_syncs_in_timed_loop"] is None
-    assert on_disk["bf16_speedup_vs_fp32"] > 0
+    assert on_disk["bf16_speedup_vs_fp32"] > 0 and on_disk["bf16_speedup_vs_fp32_cpu_time"] > 0
     assert set(on_disk["cpu_flags"]) >= {"avx512_bf16", "amx_bf16"}
