@@ -1,18 +1,28 @@
-"""The top-level packages import from the installed project, not only from the repo root."""
+"""The top-level packages (pyproject's packages.find) import from the installed project, not only from the repo root."""
 
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ["gen_objectives", "backbones", "datamodules", "callbacks", "evaluation", "workflow"]
+
+
+def test_the_list_is_pyprojects():
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert sorted(name.rstrip("*") for name in find["include"]) == sorted(PACKAGES)
 
 
 def test_packages_import_outside_repo(tmp_path):
+    # every module of every package, so one that needs the repo root as cwd (conf/, benchmarks/, train.py) fails here
     code = (
-        "import importlib, sys\n"
-        "for name in ['gen_objectives', 'backbones', 'datamodules', 'callbacks']:\n"
+        "import importlib, pkgutil, sys\n"
+        f"for name in {PACKAGES!r}:\n"
         "    m = importlib.import_module(name)\n"
+        "    for info in pkgutil.walk_packages(m.__path__, name + '.'):\n"
+        "        importlib.import_module(info.name)\n"
         "    print(name, m.__file__)\n"
         "print('cwd-in-path', '' in sys.path or '.' in sys.path)\n"
     )
@@ -20,7 +30,7 @@ def test_packages_import_outside_repo(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, check=True).stdout
     # every package resolves into this checkout (editable install), found through site-packages
-    for name in ["gen_objectives", "backbones", "datamodules", "callbacks"]:
+    for name in PACKAGES:
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert str(REPO / name) in line, line
     assert not (tmp_path / "gen_objectives").exists()
