@@ -41,11 +41,39 @@ from datamodules.vae_presets import check_preset, vae_preset
 from workflow.data_order import ResumableLoader, ignore_scheduler_signals
 
 
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 (a bijection; wraps mod 2^64): well-mixed bits from a counter."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer on uint64 holding 32-bit values (a bijection on 32 bits)."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x85EBCA6B)) & MASK32
+    x = x ^ (x >> np.uint64(13))
+    x = (x * np.uint64(0xC2B2AE35)) & MASK32
+    return x ^ (x >> np.uint64(16))
+
+
 class LatentDataset(Dataset):
-    """Items of the cache: a random flip and (optionally) a fresh posterior sample, normalised (z - shift) * scale."""
+    """Items of the cache: a random flip and (optionally) a fresh posterior sample, normalised (z - shift) * scale.
+
+    The flip and the posterior noise of an item are a function of (seed, pass, item) alone, so a run resumed in
+    the middle of a pass reads bit-identical batches whatever num_workers: the training sampler yields
+    EpochItem(pass, index); a bare index reads as pass 0. `reference_items` reads without either (reference
+    statistics).
+    """
+
+    keyed_by_epoch = True  # ResumableSampler yields EpochItem(pass, index)
 
     def __init__(self, cache_dir: str | os.PathLike, scale_factor: float, sample_posterior: bool = True,
-                 random_flip: bool = True, indices: np.ndarray | None = None, rank: int = 0,
+                 random_flip: bool = True, indices: np.ndarray | None = None, seed: int = 0,
                  shift_factor: float = 0.0):
         self.cache_dir = Path(cache_dir)
         self.meta = read_metadata(cache_dir)
@@ -55,24 +83,39 @@ class LatentDataset(Dataset):
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         if self.indices is not None and len(self.indices) and not 0 <= self.indices.min() <= self.indices.max() < self.meta["count"]:
             raise IndexError(f"indices must lie in 0..{self.meta['count'] - 1}")
-        self.rank = rank
+        self.seed = int(seed)
         self._arrays = None
         self._scratch: dict[str, np.ndarray] = {}
-        self._gen: torch.Generator | None = None
 
     def __getstate__(self):
         """Memory maps are reopened in each worker; pickling them would copy the whole cache."""
         state = dict(self.__dict__)
         state["_arrays"] = None
         state["_scratch"] = {}
-        state["_gen"] = None
         return state
 
-    def _generator(self) -> torch.Generator:
-        """Own RNG per (rank, process): ranks seeded alike still differ, and the model's global RNG is untouched."""
-        if self._gen is None:
-            self._gen = torch.Generator().manual_seed((torch.initial_seed() + 1_000_003 * self.rank) % 2**63)
-        return self._gen
+    def _counters(self, epochs: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The place of each read in the run's sequence of reads, epoch * len + item (uint64): distinct for every
+        (pass, item), so no two reads of a run share a draw (noise seeds repeat after 2^32 reads: 3,355 ImageNet
+        passes)."""
+        return epochs.astype(np.uint64) * np.uint64(len(self)) + items.astype(np.uint64)
+
+    def _flips(self, counters: np.ndarray) -> np.ndarray:
+        """0/1 per read: the top bit of splitmix64(counter ^ seed's own splitmix64)."""
+        key = splitmix64(np.array([self.seed], dtype=np.uint64))
+        return (splitmix64(counters ^ key) >> np.uint64(63)).astype(np.int64)
+
+    def _noise(self, counters: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        """Standard normal [B, *shape] float32: row b from a generator seeded by a 32-bit bijective mix of
+        (seed, counter) (torch's CPU generator keeps 32 bits of a seed; a bijection keeps the seeds of a run's
+        reads distinct). Never touches the global RNG."""
+        key = fmix32(np.array([self.seed], dtype=np.uint64) & MASK32)
+        seeds = fmix32((counters + key) & MASK32).tolist()
+        eps = torch.empty(len(seeds), *shape, dtype=torch.float32)
+        gen = torch.Generator()
+        for row, seed in zip(eps, seeds):
+            row.normal_(generator=gen.manual_seed(seed))
+        return eps
 
     def _open(self):
         """Open (once per process) the memory-mapped arrays, every length checked against the metadata, and
@@ -90,23 +133,37 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return self.meta["count"] if self.indices is None else len(self.indices)
 
-    def __getitems__(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch with one vectorised gather (the DataLoader fast path): (x [B,C,H,W], y [B])."""
+    def __getitems__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch with one vectorised gather (the DataLoader fast path): (x [B,C,H,W], y [B]).
+        items: EpochItem(pass, index) pairs (the training sampler) or bare indices (pass 0)."""
+        if len(items) and isinstance(items[0], tuple):
+            epochs, index = np.asarray(items, dtype=np.int64).reshape(-1, 2).T
+        else:
+            index = np.asarray(items, dtype=np.int64).reshape(-1)
+            epochs = np.zeros_like(index)
+        counters = self._counters(epochs, index) if self.random_flip or self.sample_posterior else None
+        flips = self._flips(counters) if self.random_flip else np.zeros(len(index), dtype=np.int64)
+        return self._read(index, flips, counters if self.sample_posterior else None)
+
+    def reference_items(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) like __getitems__ but deterministic: the posterior means of the unflipped images (what reference
+        statistics read, so a computed reference is bit-reproducible)."""
+        index = np.asarray(items, dtype=np.int64).reshape(-1)
+        return self._read(index, np.zeros(len(index), dtype=np.int64), None)
+
+    def _read(self, index: np.ndarray, flips: np.ndarray, counters: np.ndarray | None):
+        """Items `index` (flip 0/1 each), z = mean + std * noise(counters) or the mean when counters is None."""
         mean, std, labels, row_of = self._open()
-        rows = np.asarray(items, dtype=np.int64)
+        rows = index
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"latent index out of range 0..{len(self) - 1}: {rows.min()}..{rows.max()}")
         if row_of is not None:
             rows = row_of[rows]
-        if self.random_flip:
-            flips = torch.randint(0, 2, (len(rows),), generator=self._generator()).numpy()
-        else:
-            flips = np.zeros(len(rows), dtype=np.int64)
         flat_rows = rows * 2 + flips  # row of (item, flip) in the [N*2, C*H*W] view
         mu = torch.from_numpy(self._gather(mean, flat_rows, "mean"))
-        if self.sample_posterior:
+        if counters is not None:
             # fp32 noise times the fp16 std, plus the fp16 mean, in place: the cheapest exact form on CPU.
-            x = torch.empty(mu.shape, dtype=torch.float32).normal_(generator=self._generator())
+            x = self._noise(counters, mu.shape[1:])
             x.mul_(torch.from_numpy(self._gather(std, flat_rows, "std"))).add_(mu)
         else:
             x = mu.float()
@@ -125,7 +182,7 @@ class LatentDataset(Dataset):
         np.take(array.reshape(-1, buf.shape[1]), flat_rows, axis=0, out=buf, mode="wrap")
         return buf
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.__getitems__([index])
         return x[0], y[0]
 
@@ -313,16 +370,15 @@ class LatentImageNetDataModule(L.LightningDataModule):
         if self.val_size >= meta["count"]:
             raise ValueError(f"data.val_size={self.val_size} must be smaller than the cache ({meta['count']} latents)")
         open_cache_arrays(self.cache_dir, meta, ("mean", "std") if self.sample_posterior else ("mean",))
-        rank = self.trainer.global_rank if self.trainer is not None else 0
         train_idx = val_idx = None
         if self.val_size:
             perm = np.random.default_rng(self.seed).permutation(meta["count"])
             train_idx, val_idx = np.sort(perm[self.val_size:]), np.sort(perm[:self.val_size])
         self.train_set = LatentDataset(self.cache_dir, self.scale_factor, self.sample_posterior, self.random_flip,
-                                       indices=train_idx, rank=rank, shift_factor=self.shift_factor)
-        if val_idx is not None:
+                                       indices=train_idx, seed=self.shuffle_seed, shift_factor=self.shift_factor)
+        if val_idx is not None:  # bare indices: pass 0's fixed noise at every validation
             self.val_set = LatentDataset(self.cache_dir, self.scale_factor, self.sample_posterior, False,
-                                         indices=val_idx, rank=rank, shift_factor=self.shift_factor)
+                                         indices=val_idx, seed=self.shuffle_seed, shift_factor=self.shift_factor)
 
     def _loader(self, dataset: LatentDataset, shuffle: bool, drop_last: bool) -> DataLoader:
         """DataLoader on the batched fast path; Lightning swaps in a DistributedSampler under DDP."""

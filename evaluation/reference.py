@@ -30,8 +30,11 @@ from evaluation.stats import FeatureStats, quantize
 
 ADM_STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
 DEFAULT_ROWS = 10000  # ADM's reference batches hold 10,000 images for precision/recall
+# Data keys that do not change the reference images: loader settings, and the training reads' random flips and
+# posterior samples (references read the posterior means of the unflipped images: LatentDataset.reference_items).
 LOADER_ONLY_KEYS = {"batch_size", "num_workers", "drop_last", "pin_memory", "persistent_workers", "progress",
-                    "encode_batch_size", "encode_num_workers", "encode_device", "shard_size", "keep_shards", "root"}
+                    "encode_batch_size", "encode_num_workers", "encode_device", "shard_size", "keep_shards", "root",
+                    "sample_posterior", "random_flip"}
 
 
 class ReferenceError(ValueError):
@@ -170,7 +173,10 @@ def _reference_dataset(datamodule):
 
 
 def _read(dataset, idx: list[int]) -> torch.Tensor:
-    if hasattr(dataset, "__getitems__"):  # batched fast path (LatentDataset)
+    """The images behind idx; deterministic where the dataset offers it (LatentDataset: unflipped means)."""
+    if hasattr(dataset, "reference_items"):
+        return dataset.reference_items(idx)[0]
+    if hasattr(dataset, "__getitems__"):  # batched fast path
         return dataset.__getitems__(idx)[0]
     return torch.stack([dataset[i][0] for i in idx])
 

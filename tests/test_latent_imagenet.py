@@ -25,6 +25,7 @@ from datamodules.latent_cache import (
 )
 from datamodules.latent_imagenet import LatentDataset, LatentImageNetDataModule, collate_latents, main
 from datamodules.vae import VAE, VAEUnavailableError, build_tiny_autoencoder
+from workflow.data_order import EpochItem
 
 pytest_plugins = ["latent_fixtures"]  # fixtures image_root, tiny_vae, full_cache
 
@@ -218,13 +219,12 @@ def test_items_are_scaled_means_or_posterior_samples_with_random_flips(full_cach
     np.testing.assert_allclose(x.numpy(), arrays["mean"][valid[[3, 1, 9]], 0].astype(np.float32) * 0.18215, rtol=1e-6)
     assert y.tolist() == arrays["labels"][valid[[3, 1, 9]]].tolist()
     flipped = LatentDataset(full_cache, 0.18215, sample_posterior=False, random_flip=True)
-    torch.manual_seed(0)
-    xs, _ = flipped.__getitems__([2] * 400)
+    xs, _ = flipped.__getitems__([EpochItem(e, 2) for e in range(400)])  # item 2 in 400 passes
     is_flip = torch.isclose(xs, torch.from_numpy(arrays["mean"][valid[2], 1]).float() * 0.18215).flatten(1).all(1)
     is_orig = torch.isclose(xs, torch.from_numpy(arrays["mean"][valid[2], 0]).float() * 0.18215).flatten(1).all(1)
     assert (is_flip ^ is_orig).all() and 150 < int(is_flip.sum()) < 250
     sampled = LatentDataset(full_cache, 0.18215, sample_posterior=True, random_flip=False)
-    xs, _ = sampled.__getitems__([5] * 2000)
+    xs, _ = sampled.__getitems__([EpochItem(e, 5) for e in range(2000)])
     mean = torch.from_numpy(arrays["mean"][valid[5], 0]).float() * 0.18215
     std = torch.from_numpy(arrays["std"][valid[5], 0]).float() * 0.18215
     z = (xs.mean(0) - mean) / (std / 2000**0.5)
@@ -296,14 +296,102 @@ def test_setup_fails_at_once_when_the_vae_for_decode_is_missing(full_cache, tmp_
         _datamodule(cache, preset, vae_local_path=str(tmp_path)).setup("fit")
 
 
-def test_ranks_draw_different_noise_and_the_global_rng_is_left_alone(full_cache):
+def test_noise_and_flips_are_a_function_of_seed_pass_and_item_and_leave_the_global_rng_alone(full_cache):
+    """Two reads of the same (pass, item) are equal whatever was read before; another pass, item or seed differs."""
     torch.manual_seed(7)
     untouched = torch.rand(3)
-    draws = {}
-    for rank in (0, 1, 0):
-        torch.manual_seed(7)  # every rank seeded alike, as seed_everything does
-        ds = LatentDataset(full_cache, 0.18215, sample_posterior=True, random_flip=True, rank=rank)
-        x, _ = ds.__getitems__([0, 1, 2, 3])
-        assert torch.equal(torch.rand(3), untouched)  # reading did not consume the model's RNG
-        draws.setdefault(rank, []).append(x)
-    assert torch.equal(draws[0][0], draws[0][1]) and not torch.allclose(draws[0][0], draws[1][0])
+    torch.manual_seed(7)
+    ds = LatentDataset(full_cache, 0.18215, sample_posterior=True, random_flip=True, seed=3)
+    x, _ = ds.__getitems__([EpochItem(1, i) for i in (0, 1, 2, 3)])
+    assert torch.equal(torch.rand(3), untouched)  # reading did not consume the model's RNG
+    fresh = LatentDataset(full_cache, 0.18215, sample_posterior=True, random_flip=True, seed=3)
+    fresh.__getitems__([EpochItem(0, 5), EpochItem(1, 1)])  # other reads first: no stream position to depend on
+    again, _ = fresh.__getitems__([EpochItem(1, 3), EpochItem(1, 1)])
+    assert torch.equal(again, x[[3, 1]])
+    assert torch.equal(fresh[EpochItem(1, 2)][0], x[2])
+    other_pass, _ = ds.__getitems__([EpochItem(2, i) for i in (0, 1, 2, 3)])
+    other_seed, _ = LatentDataset(full_cache, 0.18215, seed=4).__getitems__([EpochItem(1, i) for i in (0, 1, 2, 3)])
+    for a, b in ((x, other_pass), (x, other_seed), (x[:1], x[1:2])):
+        assert not torch.isclose(a, b).any(dim=-1).all()
+
+
+def test_reference_items_are_the_unflipped_posterior_means(full_cache):
+    arrays = load_arrays(full_cache)
+    valid = np.flatnonzero(arrays["labels"] >= 0)
+    ds = LatentDataset(full_cache, 0.18215, sample_posterior=True, random_flip=True, seed=3)
+    x, y = ds.reference_items([4, 0, 7])
+    np.testing.assert_array_equal(x.numpy(), arrays["mean"][valid[[4, 0, 7]], 0].astype(np.float32) * np.float32(0.18215))
+    assert y.tolist() == arrays["labels"][valid[[4, 0, 7]]].tolist()
+
+
+def _stream(loader):
+    """Batches pass after pass, as Lightning's epochs read them."""
+    while True:
+        yield from loader
+
+
+def _take(stream, count):
+    return [next(stream) for _ in range(count)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_loader_reads_bit_identical_batches(full_cache, tiny_vae, num_workers):
+    """Saved in the middle of pass 1 and restored in a new loader: the same next batches (noise and flips too),
+    whatever num_workers; and the same batches as a loader without workers."""
+    def loader(workers):
+        dm = _datamodule(full_cache, tiny_vae, batch_size=2, num_workers=workers, shuffle_seed=5)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    first = loader(num_workers)
+    batches = _stream(first)
+    before = _take(batches, 5 + 2)  # pass 0 (5 batches of 2) and 2 batches of pass 1
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["consumed"] == 4
+    after = _take(batches, 5)  # the rest of pass 1 and 2 batches of pass 2
+    resumed = loader(num_workers)
+    resumed.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(after, _take(_stream(resumed), 5), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    for (x, _), (x2, _) in zip(before + after, _take(_stream(loader(0)), 12), strict=True):
+        assert torch.equal(x, x2)
+
+
+class PixelFeatures(torch.nn.Module):
+    """A fixed random projection of the decoded pixels: a small real extractor for reference statistics."""
+
+    name, dims = "pixel-projection-test", {"pool": 5}
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * RES * RES, 5)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images):
+        return {"pool": self.proj((images.float() / 255).flatten(1))}
+
+
+def test_a_reference_computed_from_the_latent_cache_is_bit_reproducible(full_cache, tiny_vae):
+    """evaluation/ reads the unflipped posterior means: two runs (other global seeds) give the same statistics."""
+    from evaluation.reference import compute_reference, data_source, reference_identity
+    from evaluation.stats import quantize
+
+    ext = PixelFeatures()
+    identity = reference_identity("data:test", ext.name, None, 0, rows=4)
+    refs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)  # another run
+        dm = _datamodule(full_cache, tiny_vae, sample_posterior=True, random_flip=True)
+        refs.append(compute_reference(identity, ext, dm, torch.device("cpu"), batch_size=4, progress=False))
+    for key in ("pool",):
+        for a, b in zip(refs[0].stats[key], refs[1].stats[key], strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(refs[0].rows, refs[1].rows)
+    x, _ = dm.train_set.reference_items(list(range(len(IMAGES))))
+    with torch.no_grad():
+        feats = ext(quantize(dm.decode(x)))["pool"].double().numpy()
+    np.testing.assert_allclose(refs[0].stats["pool"][0], feats.mean(0), rtol=1e-6, atol=1e-9)
+    # the training reads' randomness is not part of a reference's identity
+    data = {"_target_": "datamodules.latent_imagenet.LatentImageNetDataModule", "cache_dir": "c"}
+    assert data_source({**data, "sample_posterior": True, "random_flip": True}) == data_source(
+        {**data, "sample_posterior": False, "random_flip": False}) != data_source({**data, "cache_dir": "d"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 # Signals a scheduler sends to the whole process group; only the main process acts on them (workflow/preemption.py).
 SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class EpochItem(NamedTuple):
+    """A dataset item with the pass it is read in, for datasets whose random augmentation is a function of
+    (seed, pass, item) (`keyed_by_epoch = True`, e.g. LatentDataset): a resumed run reads bit-identical items."""
+
+    epoch: int
+    index: int
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -29,7 +37,8 @@ class ResumableSampler(DistributedSampler):
 
     A DistributedSampler subclass, so Lightning keeps it under DDP instead of wrapping it. `epoch` and `skip`
     are set by ResumableLoader, which counts passes itself: Lightning's epoch counter is not the data's (a run
-    stopped by max_steps in the middle of a pass counts that epoch as finished).
+    stopped by max_steps in the middle of a pass counts that epoch as finished). For a dataset with
+    `keyed_by_epoch = True` it yields EpochItem(pass, index) instead of the bare index.
     """
 
     def __init__(self, dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int | None = None,
@@ -38,6 +47,7 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.skip = 0  # indices of this pass's share already consumed before a resume
+        self.keyed = bool(getattr(dataset, "keyed_by_epoch", False))
 
     def epoch_indices(self) -> list[int]:
         """This rank's share of epoch `self.epoch`, in order (padded by wrapping when not drop_last)."""
@@ -53,8 +63,11 @@ class ResumableSampler(DistributedSampler):
             order += (order * (self.total_size // max(n, 1) + 1))[:self.total_size - n]
         return order[self.rank:self.total_size:self.num_replicas]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.skip:])
+    def __iter__(self) -> Iterator[int | EpochItem]:
+        indices = self.epoch_indices()[self.skip:]
+        if self.keyed:
+            return iter([EpochItem(self.epoch, i) for i in indices])
+        return iter(indices)
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: Lightning calls it with its epoch counter; ResumableLoader sets the pass (see above)."""
