@@ -43,6 +43,15 @@ def _mix_seed(*parts: int) -> int:
     return h
 
 
+def fused_adamw_supported(params: Sequence[Tensor]) -> bool:
+    """torch has fused AdamW kernels for these parameters: floating point, on a device type in torch's own list
+    (cuda, cpu, mps, xpu, ...; the list its fused=True check uses)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
     """True when every floating-point tensor is finite (one host sync)."""
     flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
@@ -230,9 +239,7 @@ class GenerativeModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         params = [p for p in self.net.parameters() if p.requires_grad]
-        fused = o["fused"]
-        if fused is None:
-            fused = bool(params) and all(p.is_cuda for p in params)
+        fused = fused_adamw_supported(params) if o["fused"] is None else bool(o["fused"])
         opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
                                 weight_decay=o["weight_decay"], fused=fused)
         warmup = int(o["warmup_steps"])

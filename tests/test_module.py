@@ -136,6 +136,24 @@ def test_fused_adamw_skips_the_non_finite_step_on_the_device_and_the_check_stops
     assert int(tr.optimizers[0].state[next(p for p in module.net.parameters() if p.requires_grad)]["step"]) == 3  # 4 steps, one skipped
 
 
+def test_fused_adamw_is_the_default_wherever_torch_has_it(tmp_path):
+    """module.optim.fused: null means fused AdamW for parameters on any device torch has fused kernels for (CPU
+    too), so the default run skips a non-finite step on the device; false keeps the foreach AdamW."""
+    def optimizer(**optim):
+        opt = build("flow", optim=optim).configure_optimizers()
+        return opt["optimizer"] if isinstance(opt, dict) else opt
+
+    assert optimizer().defaults["fused"] is True
+    assert optimizer(fused=False).defaults["fused"] is False
+    assert optimizer(warmup_steps=3).defaults["fused"] is True
+    module = build("flow", nonfinite_check_every_n_steps=3)
+    tr = trainer(tmp_path, max_steps=4)
+    with pytest.raises(NonFiniteLossError, match="at step 2 "):
+        tr.fit(module, train_dataloaders=loader(nan_batch=2))
+    assert tr.global_step == 3  # the check at step 3 stopped the run
+    assert all(torch.isfinite(p).all() for p in module.net.parameters()), "the NaN step reached the weights"
+
+
 def test_refuses_to_write_a_checkpoint_with_nan_weights(tmp_path):
     module = build("flow")
     tr = trainer(tmp_path, max_steps=1)
