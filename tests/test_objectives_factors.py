@@ -24,7 +24,7 @@ assert single_thread  # imported so pytest finds the fixture in this module
 FACTORS = {"prediction", "weighting", "min_snr_gamma", "time_sampling", "logit_normal_mean", "logit_normal_std",
            "importance_sampling", "path", "learn_sigma", "vlb_weight", "num_timesteps", "t_min", "t_max"}
 SAMPLER_KEYS = {"sampler", "num_steps", "time_grid", "grid_rho", "denoise_final", "t_end", "eta", "sde_diffusion",
-                "sde_diffusion_norm", "corrector_steps", "snr", "atol", "rtol", "likelihood_solver",
+                "sde_diffusion_norm", "sde_last_step_size", "corrector_steps", "snr", "atol", "rtol", "likelihood_solver",
                 "likelihood_num_steps", "likelihood_exact_max_dim", "bin_width", "decoder_cdf"}
 CORNERS = {  # prediction, weighting, time_sampling, path, learn_sigma
     DiffusionObjective: ("eps", "sigma2", "discrete", "vp", True),

@@ -128,6 +128,7 @@ def test_published_presets_compose_with_the_published_settings():
     sit = compose("sample", ["experiment=published_sit_xl"])
     assert (sit.objective.path, sit.objective.sampler, sit.objective.num_steps) == ("linear", "euler_maruyama", 250)
     assert (sit.objective.sde_diffusion, sit.objective.sde_diffusion_norm) == ("sigma", 2.0)  # SiT's norm 1.0
+    assert sit.objective.sde_last_step_size == 0.04  # SiT's last_step_size
     assert sit.model.learn_sigma and not sit.objective.learn_sigma and sit.model.time_convention == "sit"
     assert sit.cfg_scale == 1.5 and sit.objective.guidance_channels == 3
     train = compose("train", ["experiment=published_sit_xl"])  # fine-tuning composes the same network

@@ -140,6 +140,42 @@ def test_sit_diffusion_norm_is_half_of_ours():
     assert torch.allclose(ours, x, atol=1e-12)
 
 
+def test_sde_last_step_size_is_sits_grid():
+    """SiT's sample_sde (last_step="Mean", last_step_size=h = 0.04) in its time s = 1 - t: n points s = linspace(0,
+    1 - h, n), n - 1 Euler-Maruyama steps x += f dt + sqrt(2 D dt) z (noise on every one, the last lands on 1 - h),
+    then one noise-free step x += f(x, 1 - h) h, with f = v_s + D score: n net calls, as with num_steps=n here."""
+    data, y, noise = gaussian_problem(64)
+    N, n, h = 1.0, 40, 0.04  # (n = 25 would be today's uniform grid too: 1/25 = h)
+    obj = FlowObjective(num_classes=NUM_CLASSES, path="linear", sde_diffusion="sigma", sde_diffusion_norm=2 * N,
+                        sde_last_step_size=h)
+    net = ContinuousOracle(data, obj.path, "velocity")
+    ours = obj.sample(net, noise, y, sampler="euler_maruyama", num_steps=n, generator=torch.Generator().manual_seed(5))
+
+    def sit_drift(x, s):  # SiT's sde_drift and diffusion D at its time s
+        t = 1 - s
+        out, c = obj.predict(net, x, t, y)
+        D = N * obj.path.sigma(t)
+        return -out + D * obj.score(out, x, c), D  # SiT's velocity points towards data
+
+    g = torch.Generator().manual_seed(5)
+    x, s_grid = noise.clone(), torch.linspace(0.0, 1 - h, n, dtype=torch.float64)
+    dt = s_grid[1] - s_grid[0]
+    for s in s_grid[:-1]:
+        f, D = sit_drift(x, s)
+        x = x + f * dt + torch.sqrt(2 * D) * torch.sqrt(dt) * randn_like(x, g)
+    x = x + sit_drift(x, s_grid[-1])[0] * h
+    assert torch.allclose(ours, x, atol=1e-10)
+    today = FlowObjective(num_classes=NUM_CLASSES, path="linear", sde_diffusion="sigma", sde_diffusion_norm=2 * N)
+    assert today.sde_last_step_size is None and not torch.allclose(
+        today.sample(net, noise, y, sampler="euler_maruyama", num_steps=n, generator=torch.Generator().manual_seed(5)),
+        x, atol=1e-6)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="sde_last_step_size"):
+            FlowObjective(num_classes=NUM_CLASSES, path="linear", sde_last_step_size=bad)
+    with pytest.raises(ValueError, match="sde_last_step_size"):
+        obj.sample(net, noise, y, sampler="euler_maruyama", num_steps=1)
+
+
 def test_few_step_t_samplers_say_they_are_smoke_tests():
     data, y, noise = gaussian_problem(8)
     obj, oracle = corner("score")

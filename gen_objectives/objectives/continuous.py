@@ -131,6 +131,7 @@ class ContinuousObjective(Objective):
         eta: float,
         sde_diffusion: str,
         sde_diffusion_norm: float,
+        sde_last_step_size: float | None,
         corrector_steps: int,
         snr: float,
         atol: float,
@@ -161,6 +162,9 @@ class ContinuousObjective(Objective):
                 raise ValueError(f"{key} must be >= 0, got {value}")
         if not bin_width > 0:
             raise ValueError(f"bin_width must be > 0, got {bin_width}")
+        if sde_last_step_size is not None and not 0.0 < sde_last_step_size < t_max - t_end:
+            raise ValueError(f"sde_last_step_size must be null or lie in (0, t_max - t_end = {t_max - t_end:g}), "
+                             f"got {sde_last_step_size}")
         self.path = path
         self.t_min, self.t_max, self.t_end = float(t_min), float(t_max), float(t_end)
         self.num_timesteps = int(num_timesteps)
@@ -190,6 +194,7 @@ class ContinuousObjective(Objective):
         self.eta = float(eta)
         self.sde_diffusion = SDE_DIFFUSIONS[sde_diffusion]()
         self.sde_diffusion_norm = float(sde_diffusion_norm)
+        self.sde_last_step_size = None if sde_last_step_size is None else float(sde_last_step_size)
         self.corrector_steps, self.snr = int(corrector_steps), float(snr)
         self.atol, self.rtol = float(atol), float(rtol)
         make_ode_solver(likelihood_solver)  # validate the name at start-up
@@ -352,6 +357,18 @@ class ContinuousObjective(Objective):
         """The sampler's times t_max -> t_end (num_steps + 1 of them) on the configured time_grid."""
         return self.time_grid(self.path, self.t_max, self.t_end, num_steps, like)
 
+    def sde_grid(self, num_steps: int, like: Tensor) -> Tensor:
+        """euler_maruyama's times: the time_grid, or with sde_last_step_size = h SiT's grid: num_steps - 1 steps from
+        t_max to t_end + h (noise on each), then the noise-free mean step of h to t_end (SiT's last_step="Mean")."""
+        h = self.sde_last_step_size
+        if h is None:
+            return self.grid(num_steps, like)
+        if num_steps < 2:
+            raise ValueError(f"sde_last_step_size={h:g} needs num_steps >= 2 (the SDE steps plus the last one), "
+                             f"got {num_steps}")
+        head = self.time_grid(self.path, self.t_max, self.t_end + h, num_steps - 1, like)
+        return torch.cat([head, head.new_tensor([self.t_end])])
+
     @torch.no_grad()
     def sample(self, net: Net, noise: Tensor, y: Tensor, *, sampler: str | None = None,
                num_steps: int | None = None, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
@@ -360,7 +377,7 @@ class ContinuousObjective(Objective):
         name = self.resolve_sampler(sampler)
         n = self.resolve_num_steps(num_steps)
         warn_few_steps(name, n)
-        grid = self.grid(n, noise)
+        grid = self.sde_grid(n, noise) if name == EulerMaruyama.name else self.grid(n, noise)
         if name == EulerMaruyama.name:
             x = EulerMaruyama().integrate(
                 self.sde_drift(net, y, cfg_scale), lambda t: self.sde_w(t).sqrt(), noise, self.t_max, self.t_end, n,

@@ -45,6 +45,7 @@ class ScoreObjective(ContinuousObjective):
         eta: float = 0.0,
         sde_diffusion: str = "sbdm",
         sde_diffusion_norm: float = 1.0,
+        sde_last_step_size: float | None = None,
         corrector_steps: int = 0,
         snr: float = 0.16,
         atol: float = 1e-5,
