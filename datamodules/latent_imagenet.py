@@ -40,7 +40,6 @@ from datamodules.vae import VAE, VAEUnavailableError, _resolve_dtype, check_vae_
 from datamodules.vae_presets import check_preset, vae_preset
 from workflow.data_order import ResumableLoader, ignore_scheduler_signals
 
-
 MASK32 = np.uint64(0xFFFFFFFF)
 
 

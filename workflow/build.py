@@ -75,6 +75,7 @@ def build_run(cfg: DictConfig) -> Run:
     from backbones.checkpoint import build_network
     from callbacks.last_checkpoint import LastCheckpoint
     from gen_objectives.module import GenerativeModule
+    from workflow.checkpoint_io import StreamingCheckpointIO
     from workflow.loggers import build_logger
     from workflow.preemption import Preemption
     from workflow.slurm import slurm_plugins
@@ -121,7 +122,8 @@ def build_run(cfg: DictConfig) -> Run:
     if cfg.trainer.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     logger = build_logger(cfg, run_dir)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=slurm_plugins())
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                          plugins=[*slurm_plugins(), StreamingCheckpointIO()])
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     note = None if precision.reason == "as configured" else \
         f"trainer.precision=auto -> {precision.value} ({precision.reason})"
