@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "results"
@@ -22,6 +21,7 @@ RESULTS_DIR = REPO_ROOT / "results"
 if str(REPO_ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py`; make `benchmarks.*` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from evaluation.engine import CallCounter as CountingNet  # noqa: E402,F401  (the one NFE counter)
 from workflow.hardware import cpu_has_native_bf16, relevant_cpu_flags  # noqa: E402
 
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, per exact device variant: the
@@ -189,29 +189,6 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     tmp.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
-
-
-class CountingNet(nn.Module):
-    """Wraps a network and counts its calls: one call = one NFE, however large the (CFG-doubled) batch."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.calls = 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.net(*args, **kwargs)
-
-    def reset(self) -> None:
-        self.calls = 0
-
-    def __getattr__(self, name: str):
-        """Expose the wrapped network's attributes (e.g. learn_sigma) to code that reads them."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("net"), name)
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """Sample quality against sampling cost: digits-FID (or Inception FID) vs NFE for every sampler of every objective.
 
-NFE is counted by wrapping the network with a call counter (benchmarks.common.CountingNet): one network call
-is one evaluation, however large its batch (a CFG-doubled batch counts once). Fixed-step samplers sweep
-num_steps; the adaptive dopri5 sweeps its tolerance (atol = rtol) instead.
+NFE is counted by wrapping the network with a call counter (benchmarks.common.CountingNet, which is
+evaluation.engine.CallCounter): one network call is one evaluation, however large its batch (a CFG-doubled batch
+counts once). Fixed-step samplers sweep num_steps; the adaptive dopri5 sweeps its tolerance (atol = rtol) instead.
 
     python benchmarks/sampling.py --ckpt a.ckpt b.ckpt          # checkpoints written by train.py
     python benchmarks/sampling.py --from-table1 results/table1.json   # the seed-0 runs of make table1

@@ -49,7 +49,7 @@ def sample_spec(objective, *, num_samples: int, batch_size: int, seed: int, samp
 
 
 class CallCounter(nn.Module):
-    """Counts network evaluations (NFE): one call, however large its (CFG-doubled) batch."""
+    """Counts network evaluations (NFE): one call, however large its (CFG-doubled) batch (benchmarks use it too)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -59,6 +59,16 @@ class CallCounter(nn.Module):
     def forward(self, *args, **kwargs):
         self.calls += 1
         return self.net(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def __getattr__(self, name: str):
+        """The wrapped network's attributes (e.g. learn_sigma) for code that reads them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("net"), name)
 
 
 @torch.no_grad()

@@ -18,6 +18,23 @@ from test_resume import assert_bit_identical
 from workflow.preemption import PREEMPTED_EXIT_CODE
 
 
+def signal_after_first_save(proc: subprocess.Popen, last, sig: int, settle: float = 0.0) -> str:
+    """Waits for last.ckpt, then sends `sig` to proc's whole process group (the main process and its DataLoader
+    workers, as SLURM does) and returns proc's output; the group is killed if anything goes wrong."""
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        assert last.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "too slow"
+        time.sleep(settle)
+        os.killpg(proc.pid, sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return out
+
+
 def test_sigterm_to_the_process_group_with_workers_saves_exits_143_and_resumes_exactly(tmp_path, tiny_args):
     run, full = tmp_path / "run", tmp_path / "full"
     args = [*tiny_args, "data.num_workers=2", "logger=none", "run_name=pre", "last_ckpt_every_n_steps=5"]
@@ -25,17 +42,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_exits_143_and_resumes_e
                              f"hydra.run.dir={run}"], cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own process group
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    try:
-        assert last.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "too slow"
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its DataLoader workers, as SLURM does
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out = signal_after_first_save(proc, last, signal.SIGTERM, settle=0.5)
     assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
     assert "pre-empted by SIGTERM at step" in out and "DataLoader worker" not in out, out[-3000:]
     step = torch.load(last, weights_only=True)["global_step"]
@@ -65,16 +72,7 @@ def test_slurm_time_limit_simulated_checkpoint_then_submitit_requeue_then_auto_r
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    try:
-        assert last.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "too slow"
-        os.killpg(proc.pid, signal.SIGUSR2)  # SLURM signals the whole step, workers included
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out = signal_after_first_save(proc, last, signal.SIGUSR2)  # SLURM signals the whole step, workers included
     assert proc.returncode == PREEMPTED_EXIT_CODE and "pre-empted by SIGUSR2" in out, out[-3000:]
     assert "requeing job" not in out and "scontrol" not in out  # Lightning's auto-requeue is off
     record = json.loads(log.read_text())
