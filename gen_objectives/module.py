@@ -236,10 +236,25 @@ class GenerativeModule(L.LightningModule):
         self._found_inf.zero_()
         self.ema.update(self.net, self.global_step)
 
+    def _clips_under_mixed_precision(self) -> bool:
+        """Gradient clipping under 16/bf16-mixed: Lightning refuses it with an optimizer that unscales internally
+        (fused AdamW), so fused: null falls back to foreach AdamW there."""
+        if self._trainer is None:
+            return False
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        return bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
+
     def configure_optimizers(self):
         o = self.optim
         params = [p for p in self.net.parameters() if p.requires_grad]
-        fused = fused_adamw_supported(params) if o["fused"] is None else bool(o["fused"])
+        clipping = self._clips_under_mixed_precision()
+        if o["fused"] is True and clipping:
+            raise ValueError(f"module.optim.fused=true cannot be combined with trainer.gradient_clip_val="
+                             f"{self.trainer.gradient_clip_val} under trainer.precision={self.trainer.precision} "
+                             "(Lightning refuses gradient clipping with a fused optimizer there); set "
+                             "module.optim.fused=null or false")
+        fused = (fused_adamw_supported(params) and not clipping) if o["fused"] is None else bool(o["fused"])
         opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
                                 weight_decay=o["weight_decay"], fused=fused)
         warmup = int(o["warmup_steps"])

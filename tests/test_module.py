@@ -154,6 +154,18 @@ def test_fused_adamw_is_the_default_wherever_torch_has_it(tmp_path):
     assert all(torch.isfinite(p).all() for p in module.net.parameters()), "the NaN step reached the weights"
 
 
+def test_gradient_clipping_under_mixed_precision_keeps_foreach_adamw(tmp_path):
+    """Lightning refuses gradient clipping with an optimizer that unscales internally (fused) under bf16/16-mixed:
+    fused: null then picks foreach AdamW (training runs), and fused: true fails at start naming the keys."""
+    module = build("flow")
+    tr = trainer(tmp_path, max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0)
+    tr.fit(module, train_dataloaders=loader())
+    assert tr.global_step == 2 and tr.optimizers[0].defaults["fused"] is False
+    with pytest.raises(ValueError, match="module.optim.fused=true.*trainer.gradient_clip_val.*bf16-mixed"):
+        trainer(tmp_path, max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0).fit(
+            build("flow", optim={"fused": True}), train_dataloaders=loader())
+
+
 def test_refuses_to_write_a_checkpoint_with_nan_weights(tmp_path):
     module = build("flow")
     tr = trainer(tmp_path, max_steps=1)
