@@ -124,16 +124,20 @@ def pinned_argv(argv: list[str]) -> list[str]:
     """The command line plus what must be fixed once at launch: run_name (a timestamp when not given, so
     requeued SLURM jobs and DDP ranks find the same folder) and, for a sweep, the swept keys (folder names)."""
     args = list(argv)
-    overrides = [a for a in args if not a.startswith("-")]
+    is_override = [not a.startswith("-") and ("=" in a or a.startswith("~")) for a in args]  # not flags' values
+    overrides = [a for a, o in zip(args, is_override) if o]
+    pinned = []
     if not any(o.split("=", 1)[0].lstrip("+") == "run_name" for o in overrides):
-        args.append(f"run_name={datetime.now():%Y-%m-%d_%H-%M-%S}")
+        pinned.append(f"run_name={datetime.now():%Y-%m-%d_%H-%M-%S}")
     if ("-m" in args or "--multirun" in args) and not any(o.startswith("sweep_keys=") for o in overrides):
         try:
             keys = swept_keys(overrides)
         except Exception:
             keys = []  # a malformed override: preflight reports it
-        args.append(f"sweep_keys=[{','.join(keys)}]")
-    return args
+        pinned.append(f"sweep_keys=[{','.join(keys)}]")
+    # right after the last override: argparse takes the overrides as one group (`<overrides> --cfg job` works)
+    at = max((i + 1 for i, o in enumerate(is_override) if o), default=len(args))
+    return args[:at] + pinned + args[at:]
 
 
 if __name__ == "__main__":

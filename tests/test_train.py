@@ -99,6 +99,19 @@ def test_config_errors_are_one_line_exit_2_before_torch(overrides, expected):
     assert "torch" not in imported and "lightning" not in imported
 
 
+def test_cfg_job_after_the_overrides_prints_the_config():
+    """The documented `python train.py <overrides> --cfg job`: the pinned run_name goes beside the user's overrides,
+    not after `--cfg job` (argparse takes the overrides as one group)."""
+    proc = run_train(["experiment=digits", "objective=score", "--cfg", "job"])
+    assert "_target_: gen_objectives.objectives.score.ScoreObjective" in proc.stdout and "run_name: " in proc.stdout
+    sys.path.insert(0, str(ROOT))
+    from train import pinned_argv
+
+    argv = pinned_argv(["-m", "experiment=digits", "objective=score,flow", "~data.vae", "--cfg", "job"])
+    assert argv[:4] == ["-m", "experiment=digits", "objective=score,flow", "~data.vae"]
+    assert argv[4].startswith("run_name=") and argv[5] == "sweep_keys=[objective]" and argv[6:] == ["--cfg", "job"]
+
+
 def test_objective_value_errors_have_the_same_format(tiny_args):
     proc = run_train([*tiny_args, "objective=flow", "objective.path=bogus"], check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("config error: "), proc.stderr[-2000:]
