@@ -7,6 +7,7 @@ H heads, P patch size, C channels.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -48,6 +49,12 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([encode(col), encode(row)], dim=1).float()  # [g*g, D]
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A stable 63-bit generator seed from (seed, parameter name); Python's hash() is salted per process."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -116,8 +123,14 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
-        if force_drop_ids is not None and self.dropout_prob <= 0:
-            raise ValueError("force_drop_ids needs a null class: build the DiT with class_dropout_prob > 0")
+        if self.dropout_prob <= 0:
+            if force_drop_ids is not None:
+                raise ValueError("force_drop_ids needs a null class: build the DiT with class_dropout_prob > 0")
+            if bool((labels >= self.num_classes).any()):  # only models without a null row pay this check
+                raise ValueError(
+                    f"this DiT has no null class (built with class_dropout_prob=0, so label {self.num_classes} "
+                    "does not exist): classifier-free guidance (cfg_scale != 1) needs a model trained with "
+                    "class_dropout_prob > 0; sample with cfg_scale=1")
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)  # [B, D]
@@ -202,6 +215,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         grad_checkpointing: bool = False,
+        init_seed: int | None = None,
     ):
         super().__init__()
         if patch_size < 1 or input_size % patch_size != 0:
@@ -223,37 +237,45 @@ class DiT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.grid_size = input_size // patch_size
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # a frozen Parameter (not a buffer) as in the official model, so keys and parameter counts match
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        device = torch.get_default_device()  # where the caller wants the weights (meta stays meta)
+        with torch.device("meta"):  # build without drawing from any RNG: the init below is the only one
+            self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+            self.t_embedder = TimestepEmbedder(hidden_size)
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+            # a frozen Parameter (not a buffer) as in the official model, so keys and parameter counts match
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
+            self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+            self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.initialize_weights(init_seed)
 
     @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """Official init: xavier linears, N(0, 0.02) embeddings, sin-cos positions, adaLN-Zero (zero output)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        if self.pos_embed.device.type != "meta":
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.grid_size)[None])
-        w = self.x_embedder.proj.weight  # conv initialised like a linear over its flattened input
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+    def initialize_weights(self, seed: int | None = None) -> None:
+        """Official init (xavier linears, N(0, 0.02) embeddings, sin-cos positions, adaLN-Zero), per parameter.
+
+        Each tensor is drawn from its own generator seeded by (seed, parameter name), so a tensor's initial values
+        never depend on which other modules exist (learn_sigma, output channels, depth): objectives that share a
+        seed share their starting weights. seed=None takes exactly one draw from the global CPU RNG, so building
+        any DiT leaves the global stream (data order, label dropout) in the same state.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        zero = {"final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"}
+        zero |= {f"blocks.{i}.adaLN_modulation.1.weight" for i in range(len(self.blocks))}
+        normal = {"y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight"}
+        for name, p in self.named_parameters():
+            value = torch.empty(p.shape, dtype=torch.float32)  # drawn on CPU: the same weights on every device
+            g = torch.Generator().manual_seed(name_seed(seed, name))
+            if name == "pos_embed":
+                value = sincos_pos_embed_2d(self.hidden_size, self.grid_size)[None]
+            elif name.endswith("bias") or name in zero:
+                value.zero_()
+            elif name in normal:
+                nn.init.normal_(value, std=0.02, generator=g)
+            else:  # linear weights and the patch conv, the latter as a linear over its flattened input
+                nn.init.xavier_uniform_(value.view(value.shape[0], -1), generator=g)
+            p.copy_(value)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, P*P*C_out] -> [B, C_out, H, W]; each token holds its patch as (row, col, channel)."""

@@ -354,3 +354,63 @@ def test_load_refuses_arbitrary_pickles(tmp_path, weights):
     torch.save({"ema": weights, "extra": _Payload()}, path)
     with pytest.raises(pickle.UnpicklingError):
         load_dit_checkpoint(DiT(**TINY), path)
+
+
+# ---------------------------------------------------------------- same seed, same start (issue #10 item 2)
+
+
+def build_seeded(seed: int, **kw) -> tuple[DiT, torch.Tensor]:
+    """A DiT built right after seeding the global RNG, and the global RNG state construction left behind."""
+    torch.manual_seed(seed)
+    model = DiT(**TINY, **kw)
+    return model, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("other", [dict(learn_sigma=False), dict(learn_sigma=False, grad_checkpointing=True)])
+def test_options_do_not_change_shared_initial_weights_or_the_global_rng(other):
+    """Objectives that differ in learn_sigma (output channels) start from the same shared weights and RNG stream."""
+    a, rng_a = build_seeded(0, learn_sigma=True)
+    b, rng_b = build_seeded(0, **other)
+    sa, sb = a.state_dict(), b.state_dict()
+    shared = [k for k in sa if sa[k].shape == sb[k].shape]
+    assert len(shared) == len(sa) - 2  # all but final_layer.linear.{weight,bias}
+    differ = [k for k in shared if not torch.equal(sa[k], sb[k])]
+    assert differ == []
+    assert torch.equal(rng_a, rng_b)
+    # and so the label-dropout masks drawn next (training's first forward) are equal
+    labels = torch.arange(64) % 5
+    torch.set_rng_state(rng_a)
+    mask_a = a.y_embedder.token_drop(labels) == 5
+    torch.set_rng_state(rng_b)
+    mask_b = b.y_embedder.token_drop(labels) == 5
+    assert torch.equal(mask_a, mask_b) and 0 < int(mask_a.sum()) < 64
+
+
+def test_initial_weights_follow_the_seed_and_the_official_init():
+    a, _ = build_seeded(0)
+    b, _ = build_seeded(0)
+    c, _ = build_seeded(1)
+    for (k, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), k
+        if k.endswith("weight") and pa.abs().sum() > 0 and "pos_embed" not in k:
+            assert not torch.equal(pa, pc), k
+    w = a.blocks[0].attn.qkv.weight  # xavier uniform: bound sqrt(6 / (fan_in + fan_out))
+    bound = (6.0 / (w.shape[0] + w.shape[1])) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound and torch.equal(a.blocks[0].attn.qkv.bias, torch.zeros(96))
+    assert abs(a.y_embedder.embedding_table.weight.std().item() - 0.02) < 0.004
+    assert torch.equal(a.final_layer.linear.weight, torch.zeros_like(a.final_layer.linear.weight))
+    assert torch.equal(a.blocks[1].adaLN_modulation[-1].weight, torch.zeros(192, 32))
+    torch.testing.assert_close(a.pos_embed[0], sincos_pos_embed_2d(32, 4))
+
+
+def test_cfg_without_a_null_class_says_so():
+    """class_dropout_prob = 0 builds no null row: guidance must say so, not raise a bare IndexError."""
+    from gen_objectives.objectives import FlowObjective
+
+    model = DiT(**TINY, class_dropout_prob=0.0, learn_sigma=False).eval()
+    x, _, y = tiny_inputs(model)
+    obj = FlowObjective(num_classes=5)
+    with pytest.raises(ValueError, match="no null class.*class_dropout_prob"):
+        obj.sample(model, x, y, sampler="euler", num_steps=3, cfg_scale=1.5)
+    with pytest.raises(ValueError, match="no null class"):
+        model(x, torch.zeros(3), torch.full_like(y, 5))
