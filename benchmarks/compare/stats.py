@@ -122,6 +122,14 @@ class MainEffects:
         q = _t_quantile(self.confidence, self.df)
         return Interval(est, est - q * se, est + q * se, se, self.df, self.n)
 
+    def predict(self, levels: dict, block_weights: dict[str, float] | None = None) -> float:
+        """The fitted response at these factor levels (blocks: weights per block column, default none)."""
+        weights = {"intercept": 1.0, **(block_weights or {})}
+        for factor, level in levels.items():
+            if factor in self.factors and level != self.factors[factor][0]:
+                weights[column_name(factor, level)] = 1.0
+        return self.contrast(weights).estimate
+
     def effect(self, factor: str, level) -> Interval:
         """Response at `level` minus at the factor's reference level, the other factors held fixed."""
         return self.difference({factor: level}, {factor: self.factors[factor][0]})
