@@ -5,7 +5,8 @@ the sampler's own error (and Monte Carlo noise for stochastic samplers). Float64
 
     python benchmarks/oracle_table.py [--n 20000] [--n-ll 500] [--out results/oracle_table.json]
 
-Columns: mean_err = max_{y,dim} |sample mean - m_y|; std_err = max_{y,dim} |sample std - s|;
+Columns: mean_err = max_{y,dim} |sample mean - m_y|; std_err = max_{y,dim} |sample std - s|; map_err (new
+samplers, deterministic) = max |x - the exact PF-ODE map of the same noise|;
 ll_err = mean |log_likelihood - log N(x0; m_y, s^2)| / D in nats per dim (ODE samplers: the same solver and step
 count integrate the likelihood, exact divergence; diffusion: the ELBO, where the signed mean gap is reported).
 The initial noise is standardised per class, so deterministic samplers show only their bias.
@@ -27,6 +28,7 @@ from oracles import (  # noqa: E402
     ContinuousOracle,
     DiffusionOracle,
     class_stats_errors,
+    exact_ode_map,
     gaussian_problem,
 )
 
@@ -90,6 +92,61 @@ def diffusion_rows(n: int, n_ll: int) -> list[dict]:
     return rows
 
 
+def new_sampler_rows(n: int, n_ll: int) -> list[dict]:
+    """Issue #10's samplers: diffusion on its own VP path (PF-ODE, reverse SDE, ODE likelihood) and DDIM /
+    DPM-Solver++(2M) for all three. map_err = max |x - exact PF-ODE map of the same noise| (deterministic only)."""
+    data, y, noise = gaussian_problem(n)
+    _, y_ll, _ = gaussian_problem(n_ll, seed=1)
+    x0_ll = data.sample(y_ll, torch.Generator().manual_seed(2))
+
+    def diffusion(**kw):
+        obj = DiffusionObjective(num_classes=NUM_CLASSES, learn_sigma=False, **kw)
+        return obj, ContinuousOracle(data, obj.path, "eps", net_time="index")
+
+    def score(**kw):
+        obj = ScoreObjective(num_classes=NUM_CLASSES, **kw)
+        return obj, ContinuousOracle(data, obj.path, "eps")
+
+    def flow(path, **kw):
+        obj = FlowObjective(num_classes=NUM_CLASSES, path=path, **kw)
+        return obj, ContinuousOracle(data, obj.path, "velocity")
+
+    runs = [("diffusion (VP path)", diffusion, {}, s, steps) for s, steps in
+            [("euler", 250), ("heun", 50), ("dopri5", None), ("euler_maruyama", 500)]]
+    runs += [("diffusion (discrete chain, no grid)", diffusion, {}, "ddim", steps) for steps in (10, 20, 50)]
+    for grid in ("log_snr", "uniform"):
+        for sampler in ("ddim", "dpmpp_2m"):
+            for steps in (10, 20, 50):
+                if sampler == "dpmpp_2m":
+                    runs.append(("diffusion (VP path)", diffusion, {"time_grid": grid}, sampler, steps))
+                runs.append(("score", score, {"time_grid": grid}, sampler, steps))
+                runs.append(("flow/vp", lambda **kw: flow("vp", **kw), {"time_grid": grid}, sampler, steps))
+                runs.append(("flow/linear (t_max 0.999)", lambda **kw: flow("linear", t_max=0.999, t_end=1e-3, **kw),
+                             {"time_grid": grid}, sampler, steps))
+    runs.append(("score", score, {"denoise_final": True}, "dopri5", None))
+    rows = []
+    for label, make, kw, sampler, steps in runs:
+        obj, net = make(**kw)
+        start = time.perf_counter()
+        x = obj.sample(net, noise, y, sampler=sampler, num_steps=steps, generator=torch.Generator().manual_seed(3))
+        mean_err, std_err = class_stats_errors(x, y, data)
+        row = {"objective": label, "sampler": sampler + "".join(f" {k}={v}" for k, v in kw.items()), "steps": steps,
+               "nfe": net.calls, "mean_err": mean_err, "std_err": std_err, "map_err": None,
+               "ll_err_nats_per_dim": None, "seconds": time.perf_counter() - start}
+        if sampler != "euler_maruyama" and not kw.get("denoise_final"):
+            ref = exact_ode_map(data, obj.path, noise, y, obj.t_end, t_start=obj.t_max)
+            row["map_err"] = (x - ref).abs().max().item()
+        rows.append(row)
+    obj, net = diffusion(likelihood="ode")
+    start = time.perf_counter()
+    ll = obj.log_likelihood(net, x0_ll, y_ll)  # dopri5, exact divergence
+    rows.append({"objective": "diffusion (VP path)", "sampler": "likelihood=ode (dopri5, exact div.)", "steps": None,
+                 "nfe": net.calls, "mean_err": None, "std_err": None, "map_err": None,
+                 "ll_err_nats_per_dim": ((ll - data.log_prob(x0_ll, y_ll)).abs().mean() / x0_ll[0].numel()).item(),
+                 "seconds": time.perf_counter() - start})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="samples per sampler run")
@@ -109,15 +166,17 @@ def main() -> None:
     for path in ("vp", "linear", "gvp"):
         flow = FlowObjective(path=path, num_classes=NUM_CLASSES)
         rows += continuous_rows(f"flow/{path}", flow, "velocity", flow_settings, args.n, args.n_ll)
+    rows += new_sampler_rows(args.n, args.n_ll)
 
     def fmt(v, spec=".4f"):
         return "-" if v is None else format(v, spec)
 
-    print("| objective | sampler | steps | NFE | mean err | std err | ll err (nats/dim) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| objective | sampler | steps | NFE | mean err | std err | map err | ll err (nats/dim) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['objective']} | {r['sampler']} | {r['steps'] or 'adaptive'} | {r['nfe']} | "
-              f"{fmt(r['mean_err'])} | {fmt(r['std_err'])} | {fmt(r['ll_err_nats_per_dim'], '.2e')} |")
+              f"{fmt(r['mean_err'])} | {fmt(r['std_err'])} | {fmt(r.get('map_err'), '.2e')} | "
+              f"{fmt(r['ll_err_nats_per_dim'], '.2e')} |")
     payload = {"machine": machine_info(), "problem": {"dims": [2, 1, 1], "s": 0.5, "classes": NUM_CLASSES,
                                                       "n": args.n, "n_ll": args.n_ll}, "rows": rows}
     print("wrote", write_json(args.out, payload))

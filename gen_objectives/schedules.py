@@ -74,7 +74,10 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
         if count > section:
             raise ValueError(f"cannot take {count} steps out of a section of {section}")
         stride = 1.0 if count <= 1 else (section - 1) / (count - 1)
-        kept.extend(start + round(j * stride) for j in range(count))
+        position = 0.0  # accumulated, not j * stride: IDDPM's float sums round differently for 278 of 1..1000
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += section
     return sorted(set(kept))
 

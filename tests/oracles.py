@@ -52,24 +52,27 @@ class GaussianData:
 
 
 class ContinuousOracle:
-    """Optimal net for score/flow: reads t = t_net / 1000 and returns eps, score or velocity."""
+    """Optimal net on a path: reads t = t_net / 1000 (score/flow; diffusion: (t_net + 1) / T with
+    `net_time="index"`) and returns eps, score, velocity or x0."""
 
     def __init__(self, data: GaussianData, path: GaussianPath, predict: str, extra_channels: bool = False,
-                 perturb: float = 0.0):
-        assert predict in ("eps", "score", "velocity")
+                 perturb: float = 0.0, net_time: str = "1000t"):
+        assert predict in ("eps", "score", "velocity", "x0") and net_time in ("1000t", "index")
         self.data, self.path, self.predict = data, path, predict
-        self.extra_channels, self.perturb = extra_channels, perturb
+        self.extra_channels, self.perturb, self.net_time = extra_channels, perturb, net_time
         self.calls = 0
 
     def __call__(self, x_t: Tensor, t_net: Tensor, y: Tensor) -> Tensor:
         self.calls += 1
-        t = t_net / 1000.0
-        c = self.path.coefs(t, x_t.ndim)
+        t = t_net / 1000.0 if self.net_time == "1000t" else (t_net.double() + 1.0) / self.path.T
+        c = self.path.coefs(t.to(x_t.dtype), x_t.ndim)
         x0_hat, eps_hat, _ = self.data.posterior(x_t, y, c.alpha, c.sigma)
         if self.predict == "eps":
             out = eps_hat
         elif self.predict == "score":
             out = -eps_hat / c.sigma
+        elif self.predict == "x0":
+            out = x0_hat
         else:
             out = c.d_alpha * x0_hat + c.d_sigma * eps_hat
         out = out + self.perturb
@@ -118,13 +121,13 @@ class DiffusionOracle:
 
 
 def exact_ode_map(data: GaussianData, path: GaussianPath, x1: Tensor, y: Tensor, t_end: float,
-                  means: Tensor | None = None) -> Tensor:
-    """Where the exact PF-ODE carries x(1) = x1 at t_end: the standardised z = (x - alpha m) / std_t is constant.
+                  means: Tensor | None = None, t_start: float = 1.0) -> Tensor:
+    """Where the exact PF-ODE carries x(t_start) = x1 at t_end: the standardised z = (x - alpha m) / std_t is constant.
 
     `means` [B,...] overrides m_y (e.g. the guided mean under classifier-free guidance).
     """
     m = data.means[y] if means is None else means
-    one, end = torch.ones(1, dtype=torch.float64), torch.full((1,), t_end, dtype=torch.float64)
+    one, end = torch.full((1,), t_start, dtype=torch.float64), torch.full((1,), t_end, dtype=torch.float64)
     a1, s1, ae, se = path.alpha(one), path.sigma(one), path.alpha(end), path.sigma(end)
     std1, stde = (a1**2 * data.s**2 + s1**2).sqrt(), (ae**2 * data.s**2 + se**2).sqrt()
     z = (x1 - a1 * m) / std1

@@ -197,7 +197,7 @@ def test_config_keys_are_the_constructor_keys():
 def test_bad_inputs_fail_clearly():
     data, y, noise = gaussian_problem(4)
     obj = flow("linear")
-    with pytest.raises(ValueError, match="dopri5, euler, euler_maruyama, heun"):
+    with pytest.raises(ValueError, match="ddim, dopri5, dpmpp_2m, euler, euler_maruyama, heun"):
         obj.sample(oracle(obj, data), noise, y, sampler="rk4")
     with pytest.raises(ValueError, match="gvp, linear, vp"):
         flow("cosine")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from oracles import single_thread
@@ -69,3 +70,89 @@ def test_euler_maruyama_on_ornstein_uhlenbeck():
                                   200, generator=torch.Generator().manual_seed(7))
     # The reverse drift of a stationary OU with score -x is f - g^2 score = -x + 2x = x.
     assert abs(x.mean().item()) < 0.03 and abs(x.std().item() - 1) < 0.03
+
+
+# ---- converged likelihoods and the discrete bits/dim (issue #10 item 3) ------------------------------------------
+LEVELS, WIDTH = 17, 0.125  # digits: 17 grey levels k/8 - 1 in [-1, 1], bins of width 2/16
+
+
+def lattice_data(n: int, seed: int):
+    """(x0 on the 17-level lattice [n,2,1,1], y) from the shared Gaussian problem, rounded to the grid."""
+    from oracles import gaussian_problem
+
+    data, y, _ = gaussian_problem(n, seed=seed)
+    x = data.sample(y, torch.Generator().manual_seed(seed + 1)).clamp(-1.0, 1.0)
+    return data, ((x + 1.0) / WIDTH).round() * WIDTH - 1.0, y
+
+
+def test_dequantized_bits_per_dim_is_exact_for_a_density_constant_on_the_bins():
+    """If p is P(bin)/width on each bin, -E log p(x + u) - D log width is exactly -log P(bin), for any u."""
+    from gen_objectives.likelihood import dequantize, dequantized_bits_per_dim
+
+    g = torch.Generator().manual_seed(0)
+    mass = torch.rand(LEVELS, generator=g, dtype=torch.float64)
+    mass = mass / mass.sum()
+    k = torch.randint(0, LEVELS, (50, 3, 2, 2), generator=g)
+    x0 = k * WIDTH - 1.0
+    x_deq = dequantize(x0, WIDTH, g)
+    assert ((x_deq - x0).abs() <= WIDTH / 2).all() and (x_deq - x0).std() > 0.03
+    k_back = ((x_deq + 1.0) / WIDTH).round().long()  # the bin each dequantised point lies in
+    log_p = (mass[k_back].log() - math.log(WIDTH)).flatten(1).sum(1)
+    exact = -(mass[k].log2()).flatten(1).mean(1)
+    torch.testing.assert_close(dequantized_bits_per_dim(log_p, x0, WIDTH), exact, rtol=1e-12, atol=1e-12)
+
+
+def test_dequantized_ode_bits_per_dim_bounds_the_exact_lattice_probability():
+    """A Gaussian model (the flow oracle, dopri5 with the exact divergence) on lattice data: the dequantised
+    bits/dim match the model's exact density at the same points and sit just above -log2 P(bin) (Jensen)."""
+    from functools import partial
+
+    from oracles import ContinuousOracle, pushforward_log_prob
+    from scipy.stats import norm
+
+    from gen_objectives.likelihood import convergence_table, dequantize, dequantized_bits_per_dim
+    from gen_objectives.objectives import FlowObjective
+
+    data, x0, y = lattice_data(400, seed=3)
+    obj = FlowObjective(num_classes=2, bin_width=WIDTH)
+    net = ContinuousOracle(data, obj.path, "velocity")
+    bpd = obj.discrete_bits_per_dim(net, x0, y, generator=torch.Generator().manual_seed(4))
+    x_deq = dequantize(x0, WIDTH, torch.Generator().manual_seed(4))  # the same draws
+    analytic = dequantized_bits_per_dim(pushforward_log_prob(data, obj.path, x_deq, y, obj.t_min), x0, WIDTH)
+    assert (bpd - analytic).abs().max() < 1e-3
+    # the model at t_min is Gaussian: x = a0 m + std0 (z - a1 m) / std1, z ~ N(0, I)
+    one, t0 = torch.ones(1, dtype=torch.float64), torch.full((1,), obj.t_min, dtype=torch.float64)
+    a1, s1, a0, s0 = obj.path.alpha(one), obj.path.sigma(one), obj.path.alpha(t0), obj.path.sigma(t0)
+    std1, std0 = (a1**2 * data.s**2 + s1**2).sqrt(), (a0**2 * data.s**2 + s0**2).sqrt()
+    mu, sd = (a0 * data.means[y] - std0 * a1 * data.means[y] / std1).numpy(), (std0 / std1).item()
+    xs = x0.numpy()  # bins of equal width (dequantisation does not know open-ended edge bins)
+    exact = -np.log2(norm.cdf(xs + WIDTH / 2, mu, sd) - norm.cdf(xs - WIDTH / 2, mu, sd)).reshape(len(y), -1).mean(1)
+    jensen = WIDTH**2 / (24 * sd**2) / math.log(2)  # E_u of the curvature term, per dimension
+    per_sample = bpd.numpy() - exact
+    diff, sem = per_sample.mean(), per_sample.std() / math.sqrt(len(per_sample))
+    assert -4 * sem < diff < jensen + 4 * sem and sem < 0.01, (diff, sem, jensen)
+    # the convergence helper: dopri5 is the reference, Heun converges to it at second order
+    rows = convergence_table(partial(obj.log_likelihood, net, x_deq[:64], y[:64], exact_divergence=True),
+                             x_deq[:64], steps=(4, 16, 64))
+    assert [r["num_steps"] for r in rows] == [None, 4, 16, 64] and rows[0]["solver"] == "dopri5"
+    errs = [abs(r["diff_vs_reference"]) for r in rows[1:]]
+    assert errs[0] > errs[1] > errs[2] and errs[1] / errs[2] > 8 and errs[2] < 3e-3
+
+
+def test_dit_tanh_decoder_cdf_is_the_published_approximation():
+    """decoder_cdf=dit_tanh: DiT/IDDPM's tanh CDF (within 3e-4 of the normal CDF); exact by default."""
+    from scipy.stats import norm
+
+    from gen_objectives.objectives import DiffusionObjective
+    from gen_objectives.vlb import NORMAL_CDFS, discretized_gaussian_log_likelihood
+
+    z = torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    approx = NORMAL_CDFS["dit_tanh"]().cdf(z)
+    err = (approx - torch.from_numpy(norm.cdf(z.numpy()))).abs().max().item()
+    assert 1e-5 < err < 3e-4
+    x = torch.linspace(-1, 1, 255, dtype=torch.float64)
+    mean, log_scale = x + 0.003, torch.full_like(x, math.log(0.01))
+    exact = discretized_gaussian_log_likelihood(x, mean, log_scale)
+    tanh = discretized_gaussian_log_likelihood(x, mean, log_scale, cdf=NORMAL_CDFS["dit_tanh"]())
+    assert 0 < (exact - tanh).abs().max() < 0.05
+    assert DiffusionObjective().decoder_cdf == "exact" and DiffusionObjective(decoder_cdf="dit_tanh").decoder_cdf == "dit_tanh"

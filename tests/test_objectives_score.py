@@ -32,7 +32,7 @@ def score_obj(**kw) -> ScoreObjective:
 
 
 def oracle(obj: ScoreObjective, data, **kw) -> ContinuousOracle:
-    return ContinuousOracle(data, obj.path, obj.parameterization.name, **kw)
+    return ContinuousOracle(data, obj.path, obj.prediction.name, **kw)
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "score"])
@@ -40,7 +40,7 @@ def oracle(obj: ScoreObjective, data, **kw) -> ContinuousOracle:
 def test_pf_ode_follows_exact_flow_map(parameterization, sampler, steps, tol):
     """dx = -beta/2 (x + score) dt lands where the exact PF-ODE sends the same noise, per sample."""
     data, y, noise = gaussian_problem(1000)
-    obj = score_obj(parameterization=parameterization)
+    obj = score_obj(prediction=parameterization)
     x = obj.sample(oracle(obj, data), noise, y, sampler=sampler, num_steps=steps)
     assert (x - exact_ode_map(data, obj.path, noise, y, obj.t_end)).abs().max() < tol
 
@@ -56,7 +56,7 @@ def test_reverse_sde_is_default_and_reproduces_class_conditionals():
 
 def test_predictor_corrector_and_score_parameterization():
     data, y, noise = gaussian_problem(4000)
-    obj = score_obj(parameterization="score", corrector_steps=1, snr=0.1)
+    obj = score_obj(prediction="score", corrector_steps=1, snr=0.1)
     net = oracle(obj, data)
     x = obj.sample(net, noise, y, num_steps=200, generator=torch.Generator().manual_seed(2))
     assert net.calls == 200 + 199  # one corrector call after every noisy predictor step
@@ -90,7 +90,7 @@ def test_cfg_and_extra_channels():
 def test_exact_likelihood(parameterization):
     data, y, _ = gaussian_problem(200)
     x0 = data.sample(y, torch.Generator().manual_seed(4))
-    obj = score_obj(parameterization=parameterization)
+    obj = score_obj(prediction=parameterization)
     ll = obj.log_likelihood(oracle(obj, data), x0, y, exact_divergence=True)
     assert (ll - pushforward_log_prob(data, obj.path, x0, y, obj.t_min)).abs().max() < 1e-3
     assert (ll - data.log_prob(x0, y)).abs().max() < 0.06  # the vp prior bias (alpha(1) = 6.6e-3)
@@ -102,7 +102,7 @@ def test_oracle_loss_is_the_weighted_irreducible_minimum(weighting, parameteriza
     """lambda |s - s*|^2 = (lambda / sigma^2) |eps_hat - eps|^2, minimum (lambda / sigma^2) alpha^2 s^2 / (alpha^2 s^2 + sigma^2)."""
     data, y, noise = gaussian_problem(20000)
     x0 = data.sample(y, torch.Generator().manual_seed(5))
-    obj = score_obj(weighting=weighting, parameterization=parameterization)
+    obj = score_obj(weighting=weighting, prediction=parameterization)
     t = torch.full((len(y),), 0.2, dtype=torch.float64)
     loss = obj.loss(oracle(obj, data), x0, y, t=t, noise=noise)
     alpha, sigma = obj.path.alpha(t[:1]), obj.path.sigma(t[:1])
@@ -129,16 +129,17 @@ def test_config_keys_are_the_constructor_keys():
 
 def test_bad_inputs_fail_clearly():
     data, y, noise = gaussian_problem(4)
-    with pytest.raises(ValueError, match="eps, score"):
-        score_obj(parameterization="v")
-    with pytest.raises(ValueError, match="likelihood, sigma2"):
+    with pytest.raises(ValueError, match="prediction 'v'; valid choices: eps, score, velocity, x0"):
+        score_obj(prediction="v")
+    with pytest.raises(ValueError, match="weighting 'uniform'; valid choices: likelihood, min_snr, sigma2, velocity"):
         score_obj(weighting="uniform")
-    with pytest.raises(ValueError, match="dopri5, euler, euler_maruyama, heun"):
+    with pytest.raises(ValueError, match="ddim, dopri5, dpmpp_2m, euler, euler_maruyama, heun"):
         score_obj(sampler="ddpm")
     with pytest.raises(ValueError, match="beta_min"):
         score_obj(beta_min=30.0)
-    with pytest.raises(ValueError, match="learn_sigma"):
-        score_obj(learn_sigma=True)
+    with pytest.raises(ValueError, match="prediction=eps on path=linear cannot be sampled at t_max=1"):
+        score_obj(path="linear")  # x0 = (x - sigma eps) / alpha with alpha(1) = 0
+    assert score_obj(path="linear", t_max=0.999, sde_diffusion="sigma").t_max == 0.999
     with pytest.raises(ValueError, match="t_min"):
         score_obj(t_min=0.5, t_max=0.2)
     obj = score_obj()

@@ -13,14 +13,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..factors import mean_flat
 from ..paths import check_choice
 
+__all__ = ["Net", "Objective", "check_output", "mean_flat"]
+
 Net = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def mean_flat(x: Tensor) -> Tensor:
-    """Mean over all non-batch dims -> [B]."""
-    return x.flatten(1).mean(1)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -130,7 +128,12 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
         if self.num_classes is None:
             raise ValueError("cfg_scale != 1 needs num_classes (the null class index) on the objective")
         null = torch.full_like(y, self.num_classes)
-        out = net(torch.cat([x_t, x_t]), torch.cat([t_net, t_net]), torch.cat([y, null]))
+        try:
+            out = net(torch.cat([x_t, x_t]), torch.cat([t_net, t_net]), torch.cat([y, null]))
+        except IndexError as err:  # an embedding without the null row (a net trained without label dropout)
+            raise ValueError(f"cfg_scale={cfg_scale} needs the null class (label {self.num_classes}), but the network "
+                             "has no null class (trained with class_dropout_prob=0?): sample with cfg_scale=1 or "
+                             "use a model trained with label dropout") from err
         out = check_output(out, torch.cat([x_t, x_t]), channels)
         cond, uncond = out.chunk(2)
         k = x_t.shape[1] if self.guidance_channels is None else min(self.guidance_channels, x_t.shape[1])

@@ -1,105 +1,63 @@
-"""Stochastic-interpolant velocity matching (seed eqs. 26-27): |v_theta(x_t, t) - (d_alpha x0 + d_sigma eps)|^2.
+"""Stochastic-interpolant velocity matching (seed eqs. 26-27): the flow corner of the objective grid.
 
-Sampling: PF-ODE dx/dt = v from t = 1 to t_end (euler / heun / dopri5), or the reverse SDE with
-score = -eps(v) / sigma and a chosen diffusion w(t) (euler_maruyama).
+Defaults: prediction=velocity, weighting=velocity, i.e. |v_theta(x_t, t) - (d_alpha x0 + d_sigma eps)|^2,
+t ~ U[t_min, 1], path=vp (or linear / gvp), no learned variance. Sampling: the PF-ODE dx/dt = v from t = 1 to
+t_end (euler / heun / dopri5), ddim / dpmpp_2m, or the reverse SDE with score = -eps(v) / sigma and a chosen
+diffusion w(t) (euler_maruyama; w = sde_diffusion_norm * sigma_t by default; SiT's default is norm 2.0 here).
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from ..paths import make_path
+from .continuous import SDE_DIFFUSIONS, ContinuousObjective, shared_keys
 
-from ..conversions import score_from_velocity
-from ..paths import GaussianPath, PathCoefs, check_choice, make_path
-from .base import mean_flat
-from .continuous import ContinuousObjective
-
-
-class SigmaDiffusion:
-    """w(t) = norm * sigma_t: vanishes at the data end, bounded everywhere (SiT's default form)."""
-
-    name = "sigma"
-
-    def __call__(self, path: GaussianPath, t: Tensor, norm: float) -> Tensor:
-        return norm * path.sigma(t)
-
-
-class SBDMDiffusion:
-    """w(t) = norm * g(t)^2 of the path's own forward SDE (beta(t) for vp; singular at t = 1 for linear)."""
-
-    name = "sbdm"
-
-    def __call__(self, path: GaussianPath, t: Tensor, norm: float) -> Tensor:
-        return norm * path.sde_g2(t)
-
-
-class ConstantDiffusion:
-    """w(t) = norm."""
-
-    name = "constant"
-
-    def __call__(self, path: GaussianPath, t: Tensor, norm: float) -> Tensor:
-        return norm * t.new_ones(t.shape)
-
-
-SDE_DIFFUSIONS = {"sigma": SigmaDiffusion, "sbdm": SBDMDiffusion, "constant": ConstantDiffusion}
+__all__ = ["SDE_DIFFUSIONS", "FlowObjective"]
 
 
 class FlowObjective(ContinuousObjective):
-    """Velocity matching on a vp | linear | gvp path; t_net = 1000 t (keys are conf/objective/flow.yaml's)."""
+    """Velocity matching on a vp | linear | gvp path; t_net = 1000 t (keys: conf/objective/flow.yaml)."""
 
     default_sampler = "heun"
-    learn_sigma = False
 
     def __init__(
         self,
         path: str = "vp",
         beta_min: float = 0.1,
         beta_max: float = 20.0,
+        prediction: str = "velocity",
+        weighting: str = "velocity",
+        min_snr_gamma: float = 5.0,
+        time_sampling: str = "uniform",
+        logit_normal_mean: float = 0.0,
+        logit_normal_std: float = 1.0,
+        importance_sampling: bool = False,
+        num_timesteps: int = 1000,
         t_min: float = 1e-5,
         t_max: float = 1.0,
         t_end: float | None = None,
+        learn_sigma: bool = False,
+        vlb_weight: float = 1.0,
+        bin_width: float = 2.0 / 255.0,
+        decoder_cdf: str = "exact",
         sampler: str = "heun",
         num_steps: int = 50,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        time_grid: str = "uniform",
+        grid_rho: float = 7.0,
+        denoise_final: bool = False,
+        eta: float = 0.0,
         sde_diffusion: str = "sigma",
         sde_diffusion_norm: float = 1.0,
+        corrector_steps: int = 0,
+        snr: float = 0.16,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
         likelihood_solver: str = "dopri5",
         likelihood_num_steps: int = 100,
-        learn_sigma: bool = False,
+        likelihood_exact_max_dim: int = 64,
         num_classes: int | None = None,
         guidance_channels: int | None = None,
     ):
-        check_choice("sde_diffusion", sde_diffusion, SDE_DIFFUSIONS)
-        if sde_diffusion_norm < 0:
-            raise ValueError(f"sde_diffusion_norm must be >= 0, got {sde_diffusion_norm}")
-        if learn_sigma:
-            raise ValueError("learn_sigma must be false for the flow objective (it has no learned variance)")
         gaussian_path = make_path(path, beta_min=beta_min, beta_max=beta_max)
-        if sde_diffusion == "sbdm" and path != "vp":
-            raise ValueError(f"sde_diffusion=sbdm is singular at t = 1 on path={path} (alpha(1) = 0); "
-                             "use sde_diffusion=sigma or constant, or path=vp")
-        super().__init__(
-            gaussian_path,
-            t_min=t_min, t_max=t_max,
-            t_end=gaussian_path.default_t_end if t_end is None else t_end,
-            sampler=sampler, num_steps=num_steps, atol=atol, rtol=rtol,
-            likelihood_solver=likelihood_solver, likelihood_num_steps=likelihood_num_steps,
-            num_classes=num_classes, guidance_channels=guidance_channels,
-        )
-        self.sde_diffusion = SDE_DIFFUSIONS[sde_diffusion]()
-        self.sde_diffusion_norm = float(sde_diffusion_norm)
-
-    def velocity(self, out: Tensor, x_t: Tensor, c: PathCoefs) -> Tensor:
-        return out
-
-    def score(self, out: Tensor, x_t: Tensor, c: PathCoefs) -> Tensor:
-        return score_from_velocity(x_t, out, c)
-
-    def sde_w(self, t: Tensor) -> Tensor:
-        return self.sde_diffusion(self.path, t, self.sde_diffusion_norm)
-
-    def per_sample_loss(self, out: Tensor, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor,
-                        c: PathCoefs) -> Tensor:
-        target = c.d_alpha * x0 + c.d_sigma * eps  # d/dt x_t
-        return mean_flat((out - target) ** 2)
+        keys = shared_keys(locals())
+        keys["t_end"] = gaussian_path.default_t_end if t_end is None else t_end
+        super().__init__(gaussian_path, **keys)
