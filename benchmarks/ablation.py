@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info  # noqa: E402
 from benchmarks.compare import ablation_report  # noqa: E402
-from benchmarks.compare.design import FACTORS, ablation_cells, level_override  # noqa: E402
+from benchmarks.compare.design import FACTORS, LEVEL_KEYS, ablation_cells, cell_overrides  # noqa: E402
 from benchmarks.compare.metrics import SamplerSpec, evaluate_task, real_image_metrics  # noqa: E402
 from benchmarks.compare.report import model_line  # noqa: E402
 from benchmarks.compare.runs import RunSpec, parallel_map, train_all  # noqa: E402
@@ -57,11 +57,6 @@ PRESETS = {
 }
 
 
-def cell_overrides(cell: dict) -> tuple[str, ...]:
-    """Every factor set explicitly, corners included, so a cell is exactly the levels the design names."""
-    return tuple(level_override(f, level) for f, level in cell["levels"].items())
-
-
 def check_cells(cells: list[dict], train_overrides) -> tuple[list[dict], list[dict]]:
     """Build each cell's objective from its composed config: (valid cells, invalid ones with their error)."""
     from hydra import compose, initialize_config_dir
@@ -72,11 +67,12 @@ def check_cells(cells: list[dict], train_overrides) -> tuple[list[dict], list[di
         for cell in cells:
             try:
                 cfg = compose("train", overrides=["experiment=digits", f"objective={cell['objective']}",
-                                                  *train_overrides, *cell_overrides(cell)])
+                                                  *train_overrides, *cell_overrides(cell["levels"])])
                 instantiate(cfg.objective)
                 valid.append(cell)
             except Exception as err:  # noqa: BLE001 -- any refusal is reported, with its message
-                invalid.append({**cell, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+                root = err.__cause__ or err  # Hydra wraps the objective's own ValueError
+                invalid.append({**cell, "error": f"{type(root).__name__}: {root}"})
     return valid, invalid
 
 
@@ -91,7 +87,7 @@ def run_ablation(s: Settings, workdir: Path, out_dir: Path, command: str, resume
                          f"{[(b['name'], b['error']) for b in invalid if b['name'] == b['objective']]}")
     cfg, dm = compose_data(s)
     floor = real_image_metrics(dm, s.bootstrap)  # builds the digits CNN cache before the workers start
-    specs = [RunSpec(c["name"], c["objective"], seed, cell_overrides(c)) for seed in s.seeds for c in cells]
+    specs = [RunSpec(c["name"], c["objective"], seed, cell_overrides(c["levels"])) for seed in s.seeds for c in cells]
     runs = train_all(specs, (s.steps,), workdir, jobs=s.jobs, base_overrides=s.train_overrides, threads=s.threads,
                      resume=resume, log=log)
     sampler = SamplerSpec(*s.sampler)
@@ -102,6 +98,7 @@ def run_ablation(s: Settings, workdir: Path, out_dir: Path, command: str, resume
     results = parallel_map(evaluate_task, tasks, jobs=s.jobs, threads=s.threads, log=log, label="ablation")
     payload = {
         "benchmark": "ablation", "variant": s.variant, "settings": asdict(s), "factors": FACTORS,
+        "level_keys": [{"factor": f, "level": lvl, "keys": keys} for (f, lvl), keys in LEVEL_KEYS.items()],
         "cells": cells, "refused_cells": invalid, "model": model_line(cfg),
         "data": f"digits {dm.image_size}x{dm.image_size}", "data_floor": floor, "training": runs,
         "evaluations": results, "command": command, "machine": machine_info(),

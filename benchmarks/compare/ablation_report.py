@@ -8,7 +8,13 @@ from pathlib import Path
 from benchmarks.common import write_json
 from benchmarks.compare.design import CORNERS
 from benchmarks.compare.report import IMAGE_METRICS, fmt_interval, fmt_mean_sd, provenance, write_text
-from benchmarks.compare.stats import CONFIDENCE, NOT_DISTINGUISHABLE, fit_main_effects, paired_difference, verdict
+from benchmarks.compare.stats import (
+    CONFIDENCE,
+    NOT_DISTINGUISHABLE,
+    fit_main_effects,
+    paired_difference,
+    verdict,
+)
 
 GAPS = (("diffusion", "score"), ("flow", "score"), ("diffusion", "flow"))  # (a, b): a - b
 
@@ -104,7 +110,7 @@ def markdown(payload: dict) -> str:
                   f"{s['num_samples']} samples per cell — the same code path as `make ablation` at smaller sizes; "
                   "its intervals are wide and its training short.", ""]
     lines += [
-        f"Factors (reference level first: score's corner): "
+        "Factors (reference level first: score's corner): "
         + "; ".join(f"{f}: {', '.join(map(str, v))}" for f, v in payload["factors"].items()) + ". "
         f"{len(payload['cells'])} cells — the 16 of an orthogonal array L16 (every main effect estimable, none "
         "confounded with another) plus the three objectives' own corners (run as themselves; the array's cells run "

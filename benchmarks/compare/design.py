@@ -14,13 +14,16 @@ import itertools
 
 import numpy as np
 
-# Levels per factor, the reference first: score's corner, so diffusion and flow read as changes from it.
+# Levels per factor, the reference first: score's corner, so diffusion and flow read as changes from it. The
+# factors take L16's columns in this order. Discrete times reach t = 1, where the linear path has alpha = 0 and
+# only the sigma2 weight stays finite; no orthogonal assignment avoids every such cell (weighting x time is
+# balanced), and this order leaves one, which the objectives refuse at construction: the fit uses the rest.
 FACTORS: dict[str, list] = {
     "prediction": ["eps", "velocity", "x0", "score"],
     "weighting": ["sigma2", "velocity", "likelihood", "min_snr"],
     "time_sampling": ["uniform", "discrete", "logit_normal"],
-    "path": ["vp", "linear"],
     "learn_sigma": [False, True],
+    "path": ["vp", "linear"],
 }
 
 # Each objective's own defaults: its corner of the grid (docs/ARCHITECTURE.md, "Objective keys").
@@ -32,6 +35,10 @@ CORNERS: dict[str, dict] = {
     "flow": {"prediction": "velocity", "weighting": "velocity", "time_sampling": "uniform", "path": "vp",
              "learn_sigma": False},
 }
+
+# Keys a level brings with it: alpha(1) = 0 on the linear path makes x0 = (x - sigma eps) / alpha and the
+# likelihood weight infinite at t = 1, so linear-path cells train and sample on [t_min, 1 - 1e-3] (as SiT does).
+LEVEL_KEYS: dict[tuple[str, object], dict] = {("path", "linear"): {"t_max": 0.999}}
 
 # GF(4) = {0, 1, x, x + 1} as 0..3: addition is XOR, multiplication by this table (x^2 = x + 1).
 GF4_MUL = np.array([[0, 0, 0, 0], [0, 1, 2, 3], [0, 2, 3, 1], [0, 3, 1, 2]])
@@ -74,7 +81,10 @@ def ablation_cells(factors: dict[str, list] = FACTORS, corners: dict[str, dict] 
     return out
 
 
-def level_override(factor: str, level) -> str:
-    """The Hydra override that sets one factor (booleans as true/false)."""
-    value = str(level).lower() if isinstance(level, bool) else str(level)
-    return f"objective.{factor}={value}"
+def cell_overrides(levels: dict) -> tuple[str, ...]:
+    """The Hydra overrides of a cell: every factor set explicitly (booleans as true/false), plus LEVEL_KEYS."""
+    out = []
+    for factor, level in levels.items():
+        out.append(f"objective.{factor}={str(level).lower() if isinstance(level, bool) else level}")
+        out += [f"objective.{k}={v}" for k, v in LEVEL_KEYS.get((factor, level), {}).items()]
+    return tuple(out)

@@ -9,7 +9,6 @@ scored on identical starting points.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import CountingNet
+
 # The evaluation engine's per-index noise, quantisation, Fréchet distance and digits features.
 from callbacks.features import DigitsFeatures
 from callbacks.fid import chunk_bounds, mix_seed, noise_and_labels
@@ -103,64 +103,59 @@ class DigitsMetric:
 # ---- sampling ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One way to sample: a sampler at an NFE budget on a time grid. sampler=None is the objective's own
-    configured default (sampler and steps as it ships), labelled as such in every report."""
+    """One way to sample: a sampler at an NFE budget, with the objective keys that must match across objectives
+    (time grid; the reverse SDE's w(t)). sampler=None is the objective's own configured default (sampler and
+    steps as it ships), labelled as such in every report."""
 
     sampler: str | None
     nfe: int | None = None
-    time_grid: str | None = None  # None: the objective's configured grid
+    time_grid: str | None = None      # None: the objective's configured grid
+    sde_diffusion: str | None = None  # None: the objective's configured w(t)
 
     @property
     def key(self) -> str:
         if self.sampler is None:
             return "own_default"
-        return f"{self.sampler}@{self.nfe}" + (f"/{self.time_grid}" if self.time_grid else "")
+        return "/".join([f"{self.sampler}@{self.nfe}", *(f"{k}={v}" for k, v in self.keys().items())])
 
     def num_steps(self) -> int | None:
         return None if self.nfe is None else max(1, self.nfe // NFE_PER_STEP.get(self.sampler, 1))
 
-    def attributes(self) -> dict:
-        return {} if self.time_grid is None else {"time_grid": self.time_grid}
+    def keys(self) -> dict:
+        return {k: v for k, v in (("time_grid", self.time_grid), ("sde_diffusion", self.sde_diffusion)) if v}
 
 
-@contextlib.contextmanager
-def objective_settings(objective, **attrs):
-    """Set sampler/likelihood keys on an objective for a block and restore them; unknown keys fail loudly."""
-    missing = [k for k in attrs if not hasattr(objective, k)]
-    if missing:
-        raise AttributeError(f"{type(objective).__name__} has no keys {missing}")
-    saved = {k: getattr(objective, k) for k in attrs}
-    try:
-        for k, v in attrs.items():
-            setattr(objective, k, v)
-        yield objective
-    finally:
-        for k, v in saved.items():
-            setattr(objective, k, v)
+def objective_with(module, **keys):
+    """The checkpoint's objective rebuilt from its stored config with some keys changed (objectives hold no
+    weights, so this is exact); the module's own objective when nothing changes."""
+    if not keys:
+        return module.objective
+    from hydra.utils import instantiate
+
+    return instantiate({**module.hparams["cfg"]["objective"], **keys})
 
 
 @torch.no_grad()
 def sample_and_score(module, datamodule, metric: DigitsMetric, spec: SamplerSpec, *, num_samples: int,
                      batch_size: int, seed: int, bootstrap: int, keep: int = 0) -> dict:
     """num_samples samples with one sampler setting -> metrics, NFE per sample, CPU seconds (and `keep` images)."""
-    objective = module.objective
+    objective = objective_with(module, **spec.keys())
     counter = CountingNet(module.ema_net())
     shape = (datamodule.channels, datamodule.image_size, datamodule.image_size)
     chunks = chunk_bounds(num_samples, batch_size)
     feats, correct, kept = [], [], []
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    with objective_settings(objective, **spec.attributes()):
-        for start, end in chunks:
-            noise, labels = noise_and_labels(start, end, shape, datamodule.num_classes, seed)
-            gen = torch.Generator().manual_seed(mix_seed(seed, start, stream=1))
-            x = objective.sample(counter, noise, labels, sampler=spec.sampler, num_steps=spec.num_steps(),
-                                 generator=gen)
-            images = quantize(datamodule.decode(x))
-            f, predicted = metric.features(images)
-            feats.append(f)
-            correct.append(predicted == labels.numpy())
-            if sum(len(k[0]) for k in kept) < keep:
-                kept.append((images, labels))
+    for start, end in chunks:
+        noise, labels = noise_and_labels(start, end, shape, datamodule.num_classes, seed)
+        gen = torch.Generator().manual_seed(mix_seed(seed, start, stream=1))
+        x = objective.sample(counter, noise, labels, sampler=spec.sampler, num_steps=spec.num_steps(),
+                             generator=gen)
+        images = quantize(datamodule.decode(x))
+        f, predicted = metric.features(images)
+        feats.append(f)
+        correct.append(predicted == labels.numpy())
+        if sum(len(k[0]) for k in kept) < keep:
+            kept.append((images, labels))
     out = image_metrics(np.concatenate(feats), np.concatenate(correct), metric.reference, bootstrap, seed)
     out.update(spec=asdict(spec), key=spec.key, sampler=spec.sampler or objective.default_sampler,
                num_steps=spec.num_steps() or objective.default_num_steps,
@@ -173,59 +168,36 @@ def sample_and_score(module, datamodule, metric: DigitsMetric, spec: SamplerSpec
 
 
 # ---- likelihoods ----------------------------------------------------------------------------------------------
-def dequantize(x0: torch.Tensor, bin_width: float, seed: int) -> torch.Tensor:
-    """x0 + u * bin_width, u ~ U(-1/2, 1/2) per dimension: a point drawn uniformly from each value's bin."""
-    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=x0.dtype) - 0.5
-    return x0 + bin_width * u
-
-
-def discrete_bits_per_dim(nats: torch.Tensor, dims: int, bin_width: float) -> torch.Tensor:
-    """-log2 P(bin) per dimension bounded through the dequantised density: -(log p(x + u) + D log w) / (D ln 2).
-
-    Comparable with published discrete bits/dim; >= 0 for any model (a bin's probability is at most 1)."""
-    return -(nats + dims * math.log(bin_width)) / (dims * math.log(2.0))
-
-
-def log_likelihood(objective, net, x: torch.Tensor, y: torch.Tensor, *, solver: str, num_steps: int | None,
-                   seed: int) -> torch.Tensor:
-    """log p(x) [B] in nats through each objective's PF-ODE (exact divergence) with the given solver."""
-    keys = {"likelihood_solver": solver}
-    if hasattr(objective, "likelihood"):  # diffusion: its PF-ODE density rather than the ELBO
-        keys["likelihood"] = "ode"
-    with objective_settings(objective, **keys):
-        return objective.log_likelihood(net, x, y, exact_divergence=True, num_steps=num_steps,
-                                        generator=torch.Generator().manual_seed(seed))
-
-
 def likelihoods(module, x0: torch.Tensor, y: torch.Tensor, *, bin_width: float, fixed_steps: tuple[int, ...],
                 fixed_solver: str, seed: int) -> dict:
-    """Dequantised discrete bits/dim on held-out images: dopri5 (the objective's atol/rtol) and, beside it, a
-    fixed-step solver at each of fixed_steps on the same points; diffusion adds its ELBO (continuous, as trained,
-    and on the dequantised points as a discrete bound)."""
-    objective, net = module.objective, module.ema_net()
-    D = x0[0].numel()
-    xd = dequantize(x0, bin_width, seed)
-    out = {"num_images": len(x0), "bin_width": bin_width, "dims": D, "atol": getattr(objective, "atol", None),
-           "rtol": getattr(objective, "rtol", None), "fixed_solver": fixed_solver}
+    """Discrete bits/dim of held-out images, uniformly dequantised over their bins (objective.discrete_bits_per_dim):
+    the PF-ODE by dopri5 (the objective's atol = rtol) with the exact divergence, and a fixed-step solver at each
+    of fixed_steps on the same dequantised points; diffusion adds its ELBO (continuous, and dequantised)."""
+    cfg = module.hparams["cfg"]["objective"]
+    is_diffusion = "likelihood" in cfg  # diffusion: ELBO by default, its PF-ODE density with likelihood=ode
+    objective = objective_with(module, **({"likelihood": "ode"} if is_diffusion else {}))
+    net = module.ema_net()
+    out = {"num_images": len(x0), "bin_width": bin_width, "dims": x0[0].numel(), "atol": objective.atol,
+           "rtol": objective.rtol, "fixed_solver": fixed_solver}
 
     def measure(solver: str, steps: int | None) -> dict:
         cpu0 = time.process_time()
         counter = CountingNet(net)
-        bpd = discrete_bits_per_dim(log_likelihood(objective, counter, xd, y, solver=solver, num_steps=steps,
-                                                   seed=seed), D, bin_width)
+        gen = torch.Generator().manual_seed(seed)  # the same dequantisation for every solver
+        bpd = objective.discrete_bits_per_dim(counter, x0, y, bin_width=bin_width, generator=gen,
+                                              exact_divergence=True, num_steps=steps, solver=solver)
         return {"bpd": float(bpd.mean()), "bpd_sem": float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else 0.0,
                 "nfe": counter.calls, "cpu_seconds": time.process_time() - cpu0}
 
     out["dopri5"] = measure("dopri5", None)
     out["fixed"] = {str(n): measure(fixed_solver, n) for n in fixed_steps}
-    if hasattr(objective, "likelihood"):
-        with objective_settings(objective, likelihood="elbo"):
-            gen = torch.Generator().manual_seed(seed)
-            out["elbo_bpd"] = float(objective.bits_per_dim(objective.log_likelihood(net, x0, y, generator=gen),
-                                                           x0).mean())
-            gen = torch.Generator().manual_seed(seed)
-            nats = objective.log_likelihood(net, xd, y, generator=gen)
-            out["elbo_discrete_bpd"] = float(discrete_bits_per_dim(nats, D, bin_width).mean())
+    if is_diffusion:
+        elbo = objective_with(module, likelihood="elbo")
+        gen = torch.Generator().manual_seed(seed)
+        out["elbo_bpd"] = float(elbo.bits_per_dim(elbo.log_likelihood(net, x0, y, generator=gen), x0).mean())
+        gen = torch.Generator().manual_seed(seed)
+        out["elbo_discrete_bpd"] = float(elbo.discrete_bits_per_dim(net, x0, y, bin_width=bin_width,
+                                                                     generator=gen).mean())
     return out
 
 

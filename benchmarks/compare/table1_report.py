@@ -72,12 +72,12 @@ def _comparison(per: dict, names: list[str], lower: bool, boot: dict) -> dict:
 
 
 def sampler_label(key: str) -> str:
-    """'dpmpp_2m@20/log_snr' -> 'dpmpp_2m @ 20 NFE, log_snr grid'."""
+    """'dpmpp_2m@20/time_grid=log_snr' -> 'dpmpp_2m @ 20 NFE, time_grid=log_snr'."""
     if key == OWN_DEFAULT:
         return "own default"
-    name_nfe, _, grid = key.partition("/")
-    name, _, nfe = name_nfe.partition("@")
-    return f"{name} @ {nfe} NFE" + (f", {grid} grid" if grid else "")
+    head, *keys = key.split("/")
+    name, _, nfe = head.partition("@")
+    return ", ".join([f"{name} @ {nfe} NFE", *keys])
 
 
 def plot_curves(payload: dict, path: Path) -> Path:
@@ -203,7 +203,7 @@ def _likelihood_lines(payload: dict) -> list[str]:
     if a["convergence"]:
         steps = list(next(iter(a["convergence"].values()))["fixed"])
         solver = next(iter(a["convergence"].values()))["solver"]
-        lines += ["", f"Solver convergence of the NLL (same points and divergence; bits/dim, and the gap to dopri5):", "",
+        lines += ["", "Solver convergence of the NLL (same points and divergence; bits/dim, and the gap to dopri5):", "",
                   "| run | " + " | ".join(f"{solver} {n} steps" for n in steps) + " | dopri5 (NFE) |",
                   "|---|" + "---|" * (len(steps) + 1)]
         for run, c in a["convergence"].items():
