@@ -185,7 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--workdir", default=None, help="runs and logs (default outputs/table1[_quick])")
     p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier, unchanged command")
+    p.add_argument("--report-only", metavar="JSON", help="rewrite a report (md, figures) from its JSON, no runs")
     a = p.parse_args(argv)
+    if a.report_only:
+        results = table1_report.write(json.loads(Path(a.report_only).read_text()), Path(a.report_only).parent)
+        print(f"[table1] rewrote {results['report_md']} from {a.report_only}")
+        return results
     s = settings_from_args(a)
     suffix = "" if s.variant == "full" else f"_{s.variant}"
     workdir = Path(a.workdir or REPO_ROOT / "outputs" / f"table1{suffix}")

@@ -44,12 +44,13 @@ def test_kid_matches_torch_fidelity_and_the_unbiased_u_statistic():
 
 def test_image_metrics_agree_with_direct_formulas_and_bootstrap_spread_shrinks_with_samples():
     rng = np.random.default_rng(1)
-    ref = Reference.from_features(rng.normal(0.0, 1.0, (500, 6)))
-    small, large = rng.normal(0.2, 1.0, (100, 6)), rng.normal(0.2, 1.0, (1600, 6))
+    ref = Reference.from_features(rng.normal(0.0, 3.0, (500, 6)))
+    small, large = rng.normal(0.6, 3.0, (100, 6)), rng.normal(0.6, 3.0, (1600, 6))
     correct = rng.random(1600) < 0.7
     m = image_metrics(large, correct, ref, bootstrap=40, seed=0)
     assert m["fid"] == pytest.approx(frechet_distance(large.mean(0), np.cov(large, rowvar=False), ref.mu, ref.sigma))
-    assert m["kid"] == pytest.approx(kid(large, ref.features), rel=1e-9)
+    assert m["kid"] == pytest.approx(kid(ref.kid_scale * large, ref.kid_scale * ref.features), rel=1e-9)
+    assert ((ref.kid_scale * ref.features) ** 2).mean() == pytest.approx(1.0)
     assert m["class_accuracy"] == pytest.approx(correct.mean())
     s = image_metrics(small, correct[:100], ref, bootstrap=40, seed=0)
     for key in ("fid_boot_sd", "kid_boot_sd", "class_accuracy_boot_sd"):

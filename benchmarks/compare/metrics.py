@@ -42,19 +42,26 @@ def kid(gen: np.ndarray, ref: np.ndarray) -> float:
 
 @dataclass
 class Reference:
-    """The real side of every image metric: features of the digits train split (the FID reference set)."""
+    """The real side of every image metric: features of the digits train split (the FID reference set).
 
-    features: np.ndarray  # [M, d] float64
+    KID sees every feature times kid_scale, one constant that gives the reference unit mean square per
+    dimension: the digits CNN's raw features (mean square ~17) would put the cubic kernel near 10^4.
+    """
+
+    features: np.ndarray  # [M, d] float64, raw
     mu: np.ndarray
     sigma: np.ndarray
-    kyy_term: float       # off-diagonal mean of k(ref, ref), shared by every KID
+    kid_scale: float
+    kyy_term: float       # off-diagonal mean of k(ref, ref) on scaled features, shared by every KID
 
     @classmethod
     def from_features(cls, features: np.ndarray) -> Reference:
         f = np.asarray(features, np.float64)
-        kyy = polynomial_kernel(f, f)
+        scale = float(1.0 / np.sqrt((f**2).mean()))
+        kyy = polynomial_kernel(scale * f, scale * f)
         m = len(f)
-        return cls(f, f.mean(0), np.cov(f, rowvar=False), float((kyy.sum() - np.trace(kyy)) / (m * (m - 1))))
+        return cls(f, f.mean(0), np.cov(f, rowvar=False), scale,
+                   float((kyy.sum() - np.trace(kyy)) / (m * (m - 1))))
 
 
 def image_metrics(features: np.ndarray, correct: np.ndarray, ref: Reference, bootstrap: int, seed: int) -> dict:
@@ -62,8 +69,9 @@ def image_metrics(features: np.ndarray, correct: np.ndarray, ref: Reference, boo
     resamples of the samples (the sampling noise of each number; FID's bias is not removed)."""
     f = np.asarray(features, np.float64)
     n = len(f)
-    kxx = polynomial_kernel(f, f)
-    kxy_rows = polynomial_kernel(f, ref.features).mean(1)  # [n]
+    fs = ref.kid_scale * f
+    kxx = polynomial_kernel(fs, fs)
+    kxy_rows = polynomial_kernel(fs, ref.kid_scale * ref.features).mean(1)  # [n]
 
     def scores(idx: np.ndarray) -> tuple[float, float, float]:
         g = f[idx]
