@@ -13,11 +13,17 @@ import torch
 
 from benchmarks.compare import ablation_report
 from benchmarks.compare.design import CORNERS, FACTORS, ablation_cells
-from benchmarks.compare.metrics import Reference, SamplerSpec, image_metrics, kid, polynomial_kernel
+from benchmarks.compare.metrics import (
+    Reference,
+    SamplerSpec,
+    frechet_distance,
+    image_metrics,
+    kid,
+    polynomial_kernel,
+)
 from benchmarks.compare.report import results_sections
 from benchmarks.compare.runs import RunSpec, train_all
 from benchmarks.compare.stats import fit_main_effects
-from callbacks.fid_stats import frechet_distance
 
 
 def test_kid_matches_torch_fidelity_and_the_unbiased_u_statistic():

@@ -18,10 +18,16 @@ import torch
 
 from benchmarks.common import CountingNet
 
-# The evaluation engine's per-index noise, quantisation, Fréchet distance and digits features.
-from callbacks.features import DigitsFeatures
-from callbacks.fid import chunk_bounds, mix_seed, noise_and_labels
-from callbacks.fid_stats import frechet_distance, quantize
+# The evaluation engine's per-index noise, quantisation, Fréchet distance and digits features: in evaluation/
+# once issue #12's engine is merged, in callbacks/ before it (delete this fallback then).
+try:
+    from evaluation.features import DigitsFeatures
+    from evaluation.samples import chunk_bounds, mix_seed, noise_and_labels
+    from evaluation.stats import frechet_distance, quantize
+except ImportError:
+    from callbacks.features import DigitsFeatures
+    from callbacks.fid import chunk_bounds, mix_seed, noise_and_labels
+    from callbacks.fid_stats import frechet_distance, quantize
 
 NFE_PER_STEP = {"heun": 2}  # every other fixed-step sampler calls the network once per step
 
@@ -104,7 +110,8 @@ class DigitsMetric:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Features [B, d] (float64) and predicted classes [B] of uint8 images."""
-        feats, logits = self.extractor(images)
+        out = self.extractor(images)  # (features, logits); a dict with "pool" and "logits" in evaluation/
+        feats, logits = (out["pool"], out["logits"]) if isinstance(out, dict) else out
         return feats.double().numpy(), logits.argmax(1).numpy()
 
 
