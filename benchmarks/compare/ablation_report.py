@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmarks.common import write_json
 from benchmarks.compare.design import CORNERS
-from benchmarks.compare.report import IMAGE_METRICS, fmt_interval, fmt_mean_sd, provenance, write_text
+from benchmarks.compare.report import IMAGE_METRICS, fmt_interval, fmt_mean_sd, provenance, shown, write_text
 from benchmarks.compare.stats import (
     CONFIDENCE,
     NOT_DISTINGUISHABLE,
@@ -176,7 +176,7 @@ def write(payload: dict, out_dir: Path) -> dict:
     stem = "ablation" + ("" if payload["variant"] == "full" else f"_{payload['variant']}")
     out_dir = Path(out_dir)
     payload["analysis"] = analyse(payload)
-    payload["report_md"], payload["report_json"] = str(out_dir / f"{stem}.md"), str(out_dir / f"{stem}.json")
-    write_json(payload["report_json"], payload)
-    write_text(Path(payload["report_md"]), markdown(payload))
+    payload["report_md"], payload["report_json"] = shown(out_dir / f"{stem}.md"), shown(out_dir / f"{stem}.json")
+    write_json(out_dir / f"{stem}.json", payload)
+    write_text(out_dir / f"{stem}.md", markdown(payload))
     return payload

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import REPO_ROOT
+
 # (record key, label, lower is better, display scale, digits)
 IMAGE_METRICS = (("fid", "digits-FID", True, 1.0, 2), ("kid", "digits-KID ×10³", True, 1e3, 2),
                  ("class_accuracy", "class accuracy", False, 1.0, 3))
@@ -80,6 +82,12 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def shown(path) -> str:
+    """A path as reports store it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -14,6 +14,7 @@ from benchmarks.compare.report import (
     mean_sd,
     provenance,
     save_grid,
+    shown,
     write_text,
 )
 from benchmarks.compare.stats import CONFIDENCE, paired_difference, ranking, verdict
@@ -262,9 +263,10 @@ def write(payload: dict, out_dir: Path) -> dict:
         if "_images" in e:
             name = e["run_id"].rsplit("_seed", 1)[0]
             figures.append(save_grid(e.pop("_images"), e.pop("_labels"), out_dir / f"{stem}_samples_{name}.png"))
-    kept = [p for p in payload.get("figures", []) if "_samples_" in p and Path(p).is_file()]  # --report-only
-    payload["figures"] = list(dict.fromkeys([str(p) for p in figures] + kept))
-    payload["report_md"], payload["report_json"] = str(out_dir / f"{stem}.md"), str(out_dir / f"{stem}.json")
-    write_json(payload["report_json"], payload)
-    write_text(Path(payload["report_md"]), markdown(payload))
+    kept = [out_dir / Path(p).name for p in payload.get("figures", []) if "_samples_" in p]  # --report-only
+    figures += [p for p in kept if p.is_file() and p not in figures]
+    payload["figures"] = [shown(p) for p in figures]
+    payload["report_md"], payload["report_json"] = shown(out_dir / f"{stem}.md"), shown(out_dir / f"{stem}.json")
+    write_json(out_dir / f"{stem}.json", payload)
+    write_text(out_dir / f"{stem}.md", markdown(payload))
     return payload
