@@ -124,6 +124,7 @@ def test_ablation_analysis_recovers_known_effects_and_splits_the_gaps():
 
 
 def test_table1_tiny_end_to_end(tmp_path):
+    from benchmarks.sampling import checkpoints_from_table1
     from benchmarks.table1 import main
 
     out_dir, workdir = tmp_path / "results", tmp_path / "work"
@@ -137,6 +138,9 @@ def test_table1_tiny_end_to_end(tmp_path):
         assert len(list((workdir / "runs" / r["run_id"] / "checkpoints").glob("*.ckpt"))) == len(s["budgets"])
     assert len(data["curves"]["points"]) == len(data["training"]) * len(s["budgets"])
     assert data["headline_budget"]["budget"] in s["budgets"]
+    headline = str(data["headline_budget"]["budget"])
+    assert checkpoints_from_table1(out_dir / "table1_tiny.json", seed=0) == [  # what make bench samples
+        r["checkpoints"][headline] for r in data["training"] if r["seed"] == 0]
     own = {"diffusion": 250, "score": 1000, "flow": 100}  # each default as it ships (heun: 2 NFE per step)
     for e in data["evaluations"]:
         name = e["run_id"].rsplit("_seed", 1)[0]
