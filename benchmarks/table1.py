@@ -139,9 +139,6 @@ def run_table1(s: Settings, workdir: Path, out_dir: Path, command: str, resume: 
         "curves": {"sampler": curve.key, "points": curve_points, "seed_means": means},
         "headline_budget": headline,
         "evaluations": results,
-        # the headline checkpoints, per objective and seed (benchmarks/sampling.py --from-table1 reads these)
-        "objectives": {o: {"runs": [{"seed": r["seed"], "run_id": r["run_id"], "ckpt": r["checkpoints"][str(budget)]}
-                                    for r in runs if r["name"] == o]} for o in s.objectives},
         "command": command, "machine": machine_info(),
     }
     payload["total_seconds"] = time.time() - t_start

@@ -258,6 +258,10 @@ def write(payload: dict, out_dir: Path) -> dict:
     stem = "table1" + ("" if payload["variant"] == "full" else f"_{payload['variant']}")
     out_dir = Path(out_dir)
     payload["analysis"] = analyse(payload)
+    budget = str(payload["headline_budget"]["budget"])  # the headline checkpoints (sampling.py --from-table1)
+    payload["objectives"] = {o: {"runs": [{"seed": r["seed"], "run_id": r["run_id"], "ckpt": r["checkpoints"][budget]}
+                                          for r in payload["training"] if r["name"] == o]}
+                             for o in payload["settings"]["objectives"]}
     figures = [plot_curves(payload, out_dir / f"{stem}_curves.png")]
     for e in payload["evaluations"]:
         if "_images" in e:
