@@ -36,6 +36,7 @@ def test_t_interval_and_paired_difference_match_scipy():
     assert paired_difference(dict(enumerate(a)), shuffled_b) == iv
     single = t_interval([3.0])
     assert single.df == 0 and not single.excludes_zero and math.isnan(single.lo)
+    assert not t_interval([0.01, 0.01, 0.01]).excludes_zero  # zero spread: no t-interval, no ranking
 
 
 def test_ranking_orders_only_what_the_paired_intervals_separate():

@@ -52,6 +52,8 @@ def fmt_mean_sd(values, scale: float = 1.0, digits: int = 2) -> str:
 def fmt_interval(iv: dict, scale: float = 1.0, digits: int = 2) -> str:
     if iv["df"] < 1:
         return f"{scale * iv['estimate']:+.{digits}f} (one seed: no interval)"
+    if iv["se"] == 0.0:
+        return f"{scale * iv['estimate']:+.{digits}f} (identical over seeds: no interval)"
     return f"{scale * iv['estimate']:+.{digits}f} [{scale * iv['lo']:+.{digits}f}, {scale * iv['hi']:+.{digits}f}]"
 
 

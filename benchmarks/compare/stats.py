@@ -30,7 +30,9 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.df > 0 and (self.lo > 0.0 or self.hi < 0.0)
+        """False without an interval, and for identical per-seed differences (se = 0: no t-interval exists;
+        with metrics on a grid, such as an accuracy over N samples, that is rounding, not evidence)."""
+        return self.df > 0 and self.se > 0.0 and (self.lo > 0.0 or self.hi < 0.0)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "excludes_zero": self.excludes_zero}
