@@ -1,7 +1,7 @@
 """`make ablation`: what separates diffusion, score and flow? A fractional factorial over the objectives' keys.
 
     python benchmarks/ablation.py            # 18 cells x 3 seeds x 4000 steps on digits (hours on 2 cores)
-    python benchmarks/ablation.py --quick    # the same code path: 2 seeds, 300 steps, 500 samples
+    python benchmarks/ablation.py --quick    # the same code path: 2 seeds, 800 steps, 400 samples
     python benchmarks/ablation.py --tiny     # seconds, for the tests
 
 prediction (eps | velocity | x0 | score) x weighting (sigma2 | velocity | likelihood | min_snr) x time_sampling
@@ -52,7 +52,7 @@ class Settings:
 
 PRESETS = {
     "full": {},
-    "quick": dict(variant="quick", seeds=(0, 1), steps=300, num_samples=500, bootstrap=20),
+    "quick": dict(variant="quick", seeds=(0, 1), steps=800, num_samples=400, bootstrap=20),
     "tiny": dict(variant="tiny", seeds=(0, 1), steps=2, train_overrides=TINY_MODEL, num_samples=40, batch_size=40,
                  bootstrap=0, sampler=("dpmpp_2m", 4, "log_snr"), jobs=1, threads=1),
 }
@@ -111,7 +111,7 @@ def run_ablation(s: Settings, workdir: Path, out_dir: Path, command: str, resume
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="2 seeds, 300 steps, 500 samples (< ~30 min on 2 idle cores)")
+    size.add_argument("--quick", action="store_true", help="2 seeds, 800 steps, 400 samples (~40 min on 2 idle cores)")
     size.add_argument("--tiny", action="store_true", help="a tiny DiT and 2 steps: the test's end-to-end run")
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 4000)")

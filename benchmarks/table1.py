@@ -67,8 +67,8 @@ class Settings:
 
 PRESETS = {
     "full": {},
-    "quick": dict(variant="quick", seeds=(0, 1, 2), budgets=(250, 500, 1000), num_samples=500, bootstrap=50,
-                  nll_images=16, nll_fixed_steps=(16, 64)),
+    "quick": dict(variant="quick", seeds=(0, 1, 2), budgets=(200, 400, 800), num_samples=400, bootstrap=50,
+                  nll_images=8, nll_fixed_steps=(16, 64)),
     "tiny": dict(variant="tiny", seeds=(0, 1), budgets=(2, 4), train_overrides=TINY_MODEL, num_samples=40,
                  batch_size=40, bootstrap=5, curve_sampler=("dpmpp_2m", 4, "log_snr"),
                  matched=(("dpmpp_2m", 4, "log_snr"), ("euler_maruyama", 4, "uniform", "sbdm")), nll_images=2,
@@ -173,7 +173,7 @@ def settings_from_args(a) -> Settings:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="3 seeds, budgets 250/500/1000, 500 samples (< ~30 min on 2 idle cores)")
+    size.add_argument("--quick", action="store_true", help="3 seeds, budgets 200/400/800, 400 samples (< ~30 min on 2 idle cores)")
     size.add_argument("--tiny", action="store_true", help="a tiny DiT and a few steps: the test's end-to-end run")
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2,3,4)")
     p.add_argument("--budgets", default=None, help="comma list of training steps (default 1000,2000,4000,8000)")

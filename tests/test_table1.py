@@ -120,7 +120,8 @@ def test_ablation_analysis_recovers_known_effects_and_splits_the_gaps():
     assert all(abs(r) < 0.3 for r in a["corner_residuals"].values())
     payload["analysis"] = ablation_report.analyse(payload)
     text = "\n".join(ablation_report.conclusions(payload))
-    assert "Accounted for by prediction (velocity vs eps" in text and "flow − score" in text
+    assert "Effects distinguishable from zero: prediction (velocity vs eps" in text and "flow − score" in text
+    assert "come from: learn_sigma, prediction, time_sampling, weighting;" in text and "path linear vs vp" in text
 
 
 def test_table1_tiny_end_to_end(tmp_path):

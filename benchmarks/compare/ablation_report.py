@@ -77,25 +77,34 @@ def _scale(metric: str) -> tuple[str, float, int]:
 
 
 def conclusions(payload: dict, response: str = "fid") -> list[str]:
-    """Sentences on which factors account for each gap between objectives (only intervals that exclude zero)."""
+    """Which of the factors separating two objectives' corners have effects whose intervals exclude zero."""
     r = payload["analysis"]["responses"][response]
     label, scale, digits = _scale(response)
-    lines = []
+
+    def part(p: dict) -> str:
+        return f"{p['factor']} ({p['levels'][0]} vs {p['levels'][1]}: {fmt_interval(p, scale, digits)})"
+
+    lines, moves, still = [], set(), set()
     for g in r["gaps"]:
-        obs = fmt_interval(g["observed"], scale, digits)
-        explain = [p for p in g["parts"] if p["excludes_zero"]]
-        others = [p for p in g["parts"] if not p["excludes_zero"]]
-        text = f"- **{g['a']} − {g['b']}**: observed {label} {obs} ({g['verdict']}); the main-effects model gives " \
-               f"{fmt_interval(g['model'], scale, digits)}. "
-        if explain:
-            text += "Accounted for by " + "; ".join(
-                f"{p['factor']} ({p['levels'][0]} vs {p['levels'][1]}: {fmt_interval(p, scale, digits)})"
-                for p in explain) + ". "
-        if others:
-            text += "Not distinguishable from zero: " + "; ".join(
-                f"{p['factor']} ({p['levels'][0]} vs {p['levels'][1]}: {fmt_interval(p, scale, digits)})"
-                for p in others) + "."
+        real = [p for p in g["parts"] if p["excludes_zero"]]
+        null = [p for p in g["parts"] if not p["excludes_zero"]]
+        moves |= {p["factor"] for p in real}
+        still |= {p["factor"] for p in null}
+        text = (f"- **{g['a']} − {g['b']}** (corners differ in {', '.join(p['factor'] for p in g['parts'])}): "
+                f"observed {label} {fmt_interval(g['observed'], scale, digits)} ({g['verdict']}); the additive model "
+                f"gives {fmt_interval(g['model'], scale, digits)}.")
+        if real:
+            text += " Effects distinguishable from zero: " + "; ".join(part(p) for p in real) + "."
+        if null:
+            text += " Not distinguishable from zero: " + "; ".join(part(p) for p in null) + "."
         lines.append(text)
+    in_gaps = moves | still
+    others = [e for e in r["effects"] if e["factor"] not in in_gaps]
+    lines.append(f"- In sum, the differences between the objectives come from: {', '.join(sorted(moves)) or 'none'}"
+                 f"; not from: {', '.join(sorted(still - moves)) or 'none'} (intervals contain zero). Factors on "
+                 "which the three corners agree: " + ("; ".join(
+                     f"{e['factor']} {e['level']} vs {e['reference']} {fmt_interval(e, scale, digits)}"
+                     + ("" if e["excludes_zero"] else " (n.d.)") for e in others) or "none") + ".")
     return lines
 
 
@@ -125,8 +134,8 @@ def markdown(payload: dict) -> str:
         lines += ["Cells the objectives refused at construction (left out; the fit uses the rest): "
                   + "; ".join(f"{c['name']} {c['levels']}: {c['error']}" for c in payload["refused_cells"]), ""]
     lines += ["## Which factors account for the differences between the objectives", "",
-              f"digits-FID ({s['sampler'][0]} @ {s['sampler'][1]} NFE); a factor 'accounts for' part of a gap only "
-              "where its interval excludes zero:", ""] + conclusions(payload, "fid") + [""]
+              f"digits-FID ({s['sampler'][0]} @ {s['sampler'][1]} NFE). A factor accounts for part of a gap only "
+              "where its effect's interval excludes zero:", ""] + conclusions(payload, "fid") + [""]
     responses = s["responses"]
     lines += ["## Main effects (change from the reference level, other factors fixed)", "",
               "| factor | level vs reference | " + " | ".join(_scale(m)[0] for m in responses) + " |",
