@@ -50,7 +50,7 @@ assets: install
 bench: install
 	$(PYTHON) benchmarks/run_all.py $(ARGS)
 
-# Table 1 and the factorial ablation on digits (hours on 2 cores; ARGS=--quick: the same path in < ~30 min).
+# Table 1 and the factorial ablation on digits (hours on 2 cores; ARGS=--quick: the same path at small sizes).
 # Each ends by printing where its report is (results/table1[_quick].md, results/ablation[_quick].md).
 table1: install
 	$(PYTHON) benchmarks/table1.py $(ARGS)
