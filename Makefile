@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PYTHON := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo train eval sample sweep bench table1 latents assets clean
+.PHONY: install test test-fast lint demo train eval sample sweep bench table1 ablation latents assets clean
 
 install: $(STAMP)
 
@@ -59,5 +59,10 @@ assets: install
 bench: install
 	$(PYTHON) benchmarks/run_all.py $(ARGS)
 
+# Table 1 and the factorial ablation on digits (hours on 2 cores; ARGS=--quick: the same path at small sizes).
+# Each ends by printing where its report is (results/table1[_quick].md, results/ablation[_quick].md).
 table1: install
 	$(PYTHON) benchmarks/table1.py $(ARGS)
+
+ablation: install
+	$(PYTHON) benchmarks/ablation.py $(ARGS)

@@ -331,11 +331,9 @@ def write_results_md(results_dir: Path = RESULTS_DIR, path: Path = RESULTS_MD) -
              "Regenerated from `results/*.json` by `python benchmarks/run_all.py --report-only` "
              "(and at the end of `make bench` / `make table1`). digits-FID is the Fréchet distance in the "
              "features of a small digits CNN, NOT Inception FID.", ""]
-    table1_md = results_dir / "table1.md"
-    if table1_md.is_file():
-        body = table1_md.read_text().splitlines()
-        lines += ["## Table 1 on digits (`make table1`)", ""] + [ln for ln in body[1:] if not ln.startswith("# ")]
-        lines.append("")
+    from benchmarks.compare.report import results_sections  # Table 1 and the ablation (benchmarks/compare)
+
+    lines += results_sections(results_dir)
     sections = (("bench_real_step.json", real_step_section), ("bench_train_step.json", train_step_section),
                 ("latent_loader.json", latent_loader_section), ("sampling.json", sampling_section),
                 ("gpu_check.json", gpu_check_section))
