@@ -99,3 +99,24 @@ def test_run_all_collects_json_and_renders_results_md(tmp_path):
     md = write_results_md(out, tmp_path / "RESULTS.md").read_text()
     assert "## Training step throughput" in md and "| fp32 |" in md and "machine: " in md
     assert "Command: `python benchmarks/train_step.py" in md
+
+
+def test_results_md_has_a_section_for_the_oracle_table(tmp_path):
+    """docs/RESULTS.md renders results/oracle_table.json: one table row per JSON row, with its command and commit."""
+    from benchmarks.run_all import write_results_md
+
+    out = tmp_path / "results"
+    out.mkdir()
+    rows = [{"objective": "flow/linear", "sampler": "dopri5", "steps": None, "nfe": 32, "mean_err": 0.0,
+             "std_err": 1.8e-5, "ll_err_nats_per_dim": 1.8e-5},
+            {"objective": "diffusion", "sampler": "ddpm", "steps": 250, "nfe": 250, "mean_err": 0.0052,
+             "std_err": 0.0091, "map_err": None, "ll_err_nats_per_dim": None}]
+    payload = {"machine": {"command": "python benchmarks/oracle_table.py --n 123", "git_commit": "abcdef1234567",
+                           "cpu_model": "cpu"}, "problem": {"dims": [2, 1, 1], "s": 0.5, "classes": 2, "n": 123,
+                                                            "n_ll": 7}, "rows": rows}
+    (out / "oracle_table.json").write_text(json.dumps(payload))
+    md = write_results_md(out, tmp_path / "RESULTS.md").read_text()
+    assert "## Samplers on an analytic oracle" in md and "`python benchmarks/oracle_table.py --n 123`" in md
+    assert "| flow/linear | dopri5 | adaptive | 32 | 0.0000 | 0.0000 | – | 1.80e-05 |" in md
+    assert "| diffusion | ddpm | 250 | 250 | 0.0052 | 0.0091 | – | – |" in md
+    assert "commit abcdef1234" in md
