@@ -15,7 +15,6 @@ factors in which their corners differ. Writes results/ablation{,_quick}.{json,md
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info  # noqa: E402
-from benchmarks.compare import ablation_report  # noqa: E402
+from benchmarks.common import REPO_ROOT, machine_info  # noqa: E402
+from benchmarks.compare import ablation_report, cli  # noqa: E402
 from benchmarks.compare.design import FACTORS, LEVEL_KEYS, ablation_cells, cell_overrides  # noqa: E402
 from benchmarks.compare.metrics import SamplerSpec, evaluate_task, real_image_metrics  # noqa: E402
 from benchmarks.compare.report import model_line  # noqa: E402
@@ -115,19 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--tiny", action="store_true", help="a tiny DiT and 2 steps: the test's end-to-end run")
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 4000)")
-    p.add_argument("--num-samples", type=int, default=None)
-    p.add_argument("--jobs", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--train-override", action="append", default=[], help="extra train.py override (repeatable)")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--workdir", default=None, help="runs and logs (default outputs/ablation[_quick])")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier, unchanged command")
-    p.add_argument("--report-only", metavar="JSON", help="rewrite a report from its JSON, no runs")
+    cli.add_run_arguments(p, "ablation")
     a = p.parse_args(argv)
     if a.report_only:
-        results = ablation_report.write(json.loads(Path(a.report_only).read_text()), Path(a.report_only).parent)
-        print(f"[ablation] rewrote {results['report_md']} from {a.report_only}")
-        return results
+        return cli.rewrite_report(a, ablation_report.write, "ablation")
     s = replace(Settings(), **PRESETS["tiny" if a.tiny else "quick" if a.quick else "full"])
     if a.seeds:
         s = replace(s, seeds=tuple(int(v) for v in a.seeds.split(",")))
@@ -136,16 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
             s = replace(s, **{key: getattr(a, key)})
     if a.train_override:
         s = replace(s, train_overrides=(*s.train_overrides, *a.train_override))
-    suffix = "" if s.variant == "full" else f"_{s.variant}"
-    workdir = Path(a.workdir or REPO_ROOT / "outputs" / f"ablation{suffix}")
-    command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = run_ablation(s, workdir, Path(a.out_dir), command.strip(), resume=a.resume)
-    if Path(a.out_dir).resolve() == RESULTS_DIR.resolve():
-        from benchmarks.run_all import write_results_md
-
-        print(f"[ablation] refreshed {write_results_md()}")
-    print(f"[ablation] done in {results['total_seconds'] / 60:.1f} min. Report: {results['report_md']} "
-          f"(data: {results['report_json']})")
+    workdir, command = cli.workdir_and_command(a, s.variant, "ablation", argv)
+    results = run_ablation(s, workdir, Path(a.out_dir), command, resume=a.resume)
+    cli.announce(results, Path(a.out_dir), "ablation")
     return results
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info  # noqa: E402
-from benchmarks.compare import report, table1_report  # noqa: E402
+from benchmarks.common import REPO_ROOT, machine_info  # noqa: E402
+from benchmarks.compare import cli, report, table1_report  # noqa: E402
 from benchmarks.compare.metrics import SamplerSpec, evaluate_task, real_image_metrics  # noqa: E402
 from benchmarks.compare.runs import RunSpec, parallel_map, train_all  # noqa: E402
 from benchmarks.compare.stats import headline_budget  # noqa: E402
@@ -177,31 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--tiny", action="store_true", help="a tiny DiT and a few steps: the test's end-to-end run")
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2,3,4)")
     p.add_argument("--budgets", default=None, help="comma list of training steps (default 1000,2000,4000,8000)")
-    p.add_argument("--num-samples", type=int, default=None)
-    p.add_argument("--jobs", type=int, default=None, help="parallel processes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    p.add_argument("--train-override", action="append", default=[], help="extra train.py override (repeatable)")
     p.add_argument("--set", action="append", default=[], help="any Settings field, e.g. --set nll_images=32")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--workdir", default=None, help="runs and logs (default outputs/table1[_quick])")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs of an earlier, unchanged command")
-    p.add_argument("--report-only", metavar="JSON", help="rewrite a report (md, figures) from its JSON, no runs")
+    cli.add_run_arguments(p, "table1")
     a = p.parse_args(argv)
     if a.report_only:
-        results = table1_report.write(json.loads(Path(a.report_only).read_text()), Path(a.report_only).parent)
-        print(f"[table1] rewrote {results['report_md']} from {a.report_only}")
-        return results
+        return cli.rewrite_report(a, table1_report.write, "table1")
     s = settings_from_args(a)
-    suffix = "" if s.variant == "full" else f"_{s.variant}"
-    workdir = Path(a.workdir or REPO_ROOT / "outputs" / f"table1{suffix}")
-    command = "python benchmarks/table1.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = run_table1(s, workdir, Path(a.out_dir), command.strip(), resume=a.resume)
-    if Path(a.out_dir).resolve() == RESULTS_DIR.resolve():  # the project's results: refresh docs/RESULTS.md
-        from benchmarks.run_all import write_results_md
-
-        print(f"[table1] refreshed {write_results_md()}")
-    print(f"[table1] done in {results['total_seconds'] / 60:.1f} min. Report: {results['report_md']} "
-          f"(data: {results['report_json']}; figures: {', '.join(results['figures'])})")
+    workdir, command = cli.workdir_and_command(a, s.variant, "table1", argv)
+    results = run_table1(s, workdir, Path(a.out_dir), command, resume=a.resume)
+    cli.announce(results, Path(a.out_dir), "table1")
     return results
 
 
