@@ -165,11 +165,16 @@ def test_table1_tiny_end_to_end(tmp_path):
     assert "TINY variant" in md and "Headline budget" in md and "| flow |" in md and "Command:" in md
     for f in data["figures"]:
         assert (out_dir / f.split("/")[-1]).is_file()
-    # RESULTS.md shows a quick report, labelled, when no full one exists
-    for ext in ("json", "md"):
-        shutil.copy(out_dir / f"table1_tiny.{ext}", out_dir / f"table1_quick.{ext}")
+    # RESULTS.md shows every smaller variant, labelled by its JSON, when no full report exists; else the full one
+    shutil.copy(out_dir / "table1_tiny.md", out_dir / "table1_quick.md")
+    (out_dir / "table1_quick.json").write_text(json.dumps({**saved, "variant": "quick"}))
     section = "\n".join(results_sections(out_dir))
-    assert "QUICK variant" in section and "Headline budget" in section
+    assert "QUICK variant" in section and "TINY variant (fewer" in section and "Headline budget" in section
+    assert section.count("## Table 1 on digits") == 2 and "(data: `results/table1_quick.json`)" in section
+    shutil.copy(out_dir / "table1_tiny.md", out_dir / "table1.md")
+    (out_dir / "table1.json").write_text(json.dumps({**saved, "variant": "full"}))
+    section = "\n".join(results_sections(out_dir))
+    assert section.count("## Table 1 on digits") == 1 and "variant (fewer" not in section.split("\n")[0]
     # resuming reuses every finished run without training again
     logs = []
     specs = [RunSpec(o, o, seed) for seed in s["seeds"] for o in s["objectives"]]

@@ -103,15 +103,20 @@ def write_text(path: Path, text: str) -> Path:
 
 # ---- docs/RESULTS.md ---------------------------------------------------------------------------------------
 def _report_body(results_dir: Path, stem: str, title: str, make: str) -> list[str]:
-    """The section of one report: the full run's when it exists, else the quick run's, labelled."""
-    for suffix, label in (("", ""), ("_quick", " — QUICK variant (fewer seeds, steps and samples)")):
-        md, js = results_dir / f"{stem}{suffix}.md", results_dir / f"{stem}{suffix}.json"
-        if md.is_file() and js.is_file():
-            json.loads(js.read_text())  # a report without readable data behind it is not shown
-            body = [ln for ln in md.read_text().splitlines() if not ln.startswith("# ")]
-            return [f"## {title} (`{make}`){label}", "", f"From `results/{md.name}` (data: `results/{js.name}`).",
-                    *body, ""]
-    return []
+    """The section(s) of one report: the full run's when it exists, else every smaller variant's, labelled."""
+    full = results_dir / f"{stem}.json"
+    paths = [full] if full.is_file() else sorted(results_dir.glob(f"{stem}_*.json"))
+    lines = []
+    for js in paths:
+        md = js.with_suffix(".md")
+        if not md.is_file():
+            continue
+        variant = json.loads(js.read_text())["variant"]  # a report without readable data behind it is not shown
+        label = "" if variant == "full" else f" — {variant.upper()} variant (fewer seeds, steps or samples)"
+        body = [ln for ln in md.read_text().splitlines() if not ln.startswith("# ")]
+        lines += [f"## {title} (`{make}`){label}", "", f"From `results/{md.name}` (data: `results/{js.name}`).",
+                  *body, ""]
+    return lines
 
 
 def results_sections(results_dir: Path) -> list[str]:
