@@ -158,10 +158,16 @@ def _fraction(r: dict) -> str:
     return "unknown" if r.get("peak_source", "").startswith("unknown") else "–"
 
 
+def _own_command(d: dict, summary: dict, name: str) -> str:
+    """The command recorded in the result file itself; make bench's summary only for files that lack one."""
+    return ((d.get("machine") or {}).get("command") or summary.get("commands", {}).get(name)
+            or f"python benchmarks/{name}.py")
+
+
 def real_step_section(d: dict, summary: dict) -> list[str]:
     """The real (train.py) step per objective and precision beside the hand-written lower bound."""
     net, cfg, cache = d["net"], d["config"], d["cache"]
-    cmd = summary.get("commands", {}).get("real_step") or (d.get("machine") or {}).get("command")
+    cmd = _own_command(d, summary, "real_step")
     on_cpu = cfg.get("device") == "cpu"
     lines = ["## Training step as users run it (`benchmarks/real_step.py`)", "",
              f"Command: `{cmd}`  ",
@@ -206,7 +212,7 @@ def real_step_section(d: dict, summary: dict) -> list[str]:
 
 
 def train_step_section(d: dict, summary: dict) -> list[str]:
-    cmd = summary.get("commands", {}).get("train_step") or (d.get("machine") or {}).get("command")
+    cmd = _own_command(d, summary, "train_step")
     lines = ["## Training step throughput, hand-written (`benchmarks/train_step.py`)", "",
              f"Command: `{cmd}`  ",
              f"{d.get('model')}, batch {d['config'].get('batch_size')}, device {d.get('device')} "
@@ -276,7 +282,7 @@ def gpu_check_section(d: dict | None, summary: dict) -> list[str]:
 def latent_loader_section(d: dict, summary: dict) -> list[str]:
     """Only the headline numbers; the JSON has the rest (its fields belong to latent_loader.py)."""
     read, enc = d["read"], d["encode"]
-    cmd = summary.get("commands", {}).get("latent_loader", "python benchmarks/latent_loader.py")
+    cmd = _own_command(d, summary, "latent_loader")
     return ["## Latent loader (`benchmarks/latent_loader.py`)", "", f"Command: `{cmd}`", "",
             "| quantity | value |", "|---|---|",
             f"| latents/s read per process, warm cache, {read['latent_shape']} {read['dtype_on_disk']} "
@@ -326,7 +332,7 @@ def checkpoint_steps(runs: list[dict]) -> str:
 def sampling_section(d: dict, summary: dict) -> list[str]:
     cfg = d["config"]
     lines = ["## Sample quality vs sampling cost (`benchmarks/sampling.py`)", "",
-             f"Command: `{summary.get('commands', {}).get('sampling', 'python benchmarks/sampling.py')}`  ",
+             f"Command: `{_own_command(d, summary, 'sampling')}`  ",
              f"{d['metric']} ({d['metric_note']}), {cfg['num_samples']} samples, seed {cfg['seed']}, "
              f"cfg scale {cfg['cfg_scale']}. Plot: `results/sampling_fid_vs_nfe.png`.", "",
              f"Checkpoints (EMA weights): {checkpoint_steps(d['runs'])}.", "",

@@ -120,3 +120,19 @@ def test_results_md_has_a_section_for_the_oracle_table(tmp_path):
     assert "| flow/linear | dopri5 | adaptive | 32 | 0.0000 | 0.0000 | – | 1.80e-05 |" in md
     assert "| diffusion | ddpm | 250 | 250 | 0.0052 | 0.0091 | – | – |" in md
     assert "commit abcdef1234" in md
+
+
+def test_results_md_takes_each_command_from_its_own_result_file(tmp_path):
+    """A section's command is the one its JSON recorded, not an older `make bench` summary's (stale checkpoints)."""
+    from benchmarks.common import REPO_ROOT
+    from benchmarks.run_all import write_results_md
+
+    out = tmp_path / "results"
+    out.mkdir()
+    d = json.loads((REPO_ROOT / "results" / "sampling.json").read_text())
+    d["machine"]["command"] = "python benchmarks/sampling.py --from-table1 THIS-RUN.json"
+    (out / "sampling.json").write_text(json.dumps(d))
+    (out / "bench_summary.json").write_text(json.dumps(
+        {"commands": {"sampling": "python benchmarks/sampling.py --ckpt OLD-RUN.ckpt"}}))
+    md = write_results_md(out, tmp_path / "RESULTS.md").read_text()
+    assert "Command: `python benchmarks/sampling.py --from-table1 THIS-RUN.json`" in md and "OLD-RUN" not in md
