@@ -113,7 +113,8 @@ def _report_body(results_dir: Path, stem: str, title: str, make: str) -> list[st
             continue
         variant = json.loads(js.read_text())["variant"]  # a report without readable data behind it is not shown
         label = "" if variant == "full" else f" — {variant.upper()} variant (fewer seeds, steps or samples)"
-        body = [ln for ln in md.read_text().splitlines() if not ln.startswith("# ")]
+        body = ["#" + ln if ln.startswith("## ") else ln  # the report's sections nest under this one
+                for ln in md.read_text().splitlines() if not ln.startswith("# ")]
         lines += [f"## {title} (`{make}`){label}", "", f"From `results/{md.name}` (data: `results/{js.name}`).",
                   *body, ""]
     return lines
