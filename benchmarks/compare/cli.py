@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def workdir_and_command(a: argparse.Namespace, variant: str, name: str, argv: li
     """outputs/<name>[_variant] unless --workdir, and the command line as the report records it."""
     suffix = "" if variant == "full" else f"_{variant}"
     workdir = Path(a.workdir or REPO_ROOT / "outputs" / f"{name}{suffix}")
-    command = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"python benchmarks/{name}.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # re-runnable
     return workdir, command.strip()
 
 
