@@ -182,3 +182,23 @@ def test_table1_tiny_end_to_end(tmp_path):
                       threads=s["threads"], resume=True, log=logs.append)
     assert [r["cpu_seconds"] for r in again] == [r["cpu_seconds"] for r in data["training"]]
     assert sum("reusing" in line for line in logs) == len(specs)
+
+
+def test_objective_rebuilt_from_a_checkpoint_config_builds_only_project_classes(tmp_path):
+    """The harness rebuilds a checkpoint's objective with other sampler keys: a foreign _target_ in the stored config
+    is refused before anything runs (issue #14 item 6 applies to every config read from a file)."""
+    from types import SimpleNamespace
+
+    from benchmarks.compare.metrics import objective_with
+
+    src, dst = tmp_path / "secret", tmp_path / "copy"
+    src.write_text("x")
+    crafted = SimpleNamespace(hparams={"cfg": {"objective": {"_target_": "shutil.copyfile", "src": str(src),
+                                                             "dst": str(dst)}}}, objective=None)
+    with pytest.raises(ValueError):
+        objective_with(crafted, time_grid="log_snr")
+    assert not dst.exists()
+    ok = SimpleNamespace(hparams={"cfg": {"objective": {"_target_": "gen_objectives.objectives.flow.FlowObjective"}}})
+    from gen_objectives.solvers import LogSNRGrid
+
+    assert isinstance(objective_with(ok, time_grid="log_snr").time_grid, LogSNRGrid)

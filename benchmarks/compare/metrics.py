@@ -92,9 +92,8 @@ class DigitsMetric:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Features [B, d] (float64) and predicted classes [B] of uint8 images."""
-        out = self.extractor(images)  # (features, logits); a dict with "pool" and "logits" in evaluation/
-        feats, logits = (out["pool"], out["logits"]) if isinstance(out, dict) else out
-        return feats.double().numpy(), logits.argmax(1).numpy()
+        out = self.extractor(images)  # {"pool": [B, d], "logits": [B, classes]}
+        return out["pool"].double().numpy(), out["logits"].argmax(1).numpy()
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------
@@ -127,9 +126,9 @@ def objective_with(module, **keys):
     weights, so this is exact); the module's own objective when nothing changes."""
     if not keys:
         return module.objective
-    from hydra.utils import instantiate
+    from workflow.config_guard import instantiate_trusted  # the config came from a file: project targets only
 
-    return instantiate({**module.hparams["cfg"]["objective"], **keys})
+    return instantiate_trusted({**module.hparams["cfg"]["objective"], **keys}, "checkpoint: objective")
 
 
 @torch.no_grad()
